@@ -1,0 +1,120 @@
+"""The `adpa` command line.
+
+    adpa make-tiny-model runs/tiny/reference --seed 0
+    adpa serve --role reference --model runs/tiny/reference --port 50052 --http-port 8082
+    adpa serve --role teacher --model runs/tiny/teacher --reference grpc://127.0.0.1:50052
+    adpa info grpc://127.0.0.1:50051
+    adpa demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pydantic import ValidationError
+
+from adpa import __version__
+from adpa.config import add_settings_arguments, settings_from_args
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from adpa.services.config import ServeConfig
+    from adpa.services.server import serve
+
+    try:
+        config = settings_from_args(ServeConfig, args)
+    except (ValidationError, FileNotFoundError) as err:
+        print(f"adpa serve: invalid configuration:\n{err}", file=sys.stderr)
+        return 2
+    serve(config)
+    return 0
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from adpa.tiny_model import make_tiny_model
+
+    out = make_tiny_model(
+        args.out, layers=args.layers, hidden=args.hidden, heads=args.heads, seed=args.seed,
+        init_std=args.init_std, max_seq_len=args.max_seq_len,
+    )
+    print(f"tiny model written to {out}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from adpa.client import TeacherClient
+
+    with TeacherClient(args.endpoint, token=args.token, timeout=args.timeout) as client:
+        print(json.dumps(dataclasses.asdict(client.info()), indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from adpa.quickstart import run_quickstart
+
+    return run_quickstart(args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from adpa.services.config import ServeConfig
+
+    parser = argparse.ArgumentParser(
+        prog="adpa",
+        description="Serve DPO teacher signals over gRPC and distil preference alignment into small models.",
+    )
+    parser.add_argument("--version", action="version", version=f"adpa {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run a teacher or reference scoring service",
+        description="Run a teacher (pi_dpo) or reference (pi_ref) scoring service over gRPC, with an HTTP side "
+        "for probes and metrics. Settings come from defaults < --config YAML < ADPA_* env < flags.",
+    )
+    serve.add_argument("--config", help="YAML file with any of the settings below")
+    add_settings_arguments(serve, ServeConfig)
+    serve.set_defaults(func=_serve)
+
+    tiny = commands.add_parser(
+        "make-tiny-model",
+        help="build a tiny random Llama model + word-level tokenizer offline",
+        description="Build a tiny random-init Llama-family model and a word-level tokenizer with a chat template, "
+        "saved with save_pretrained (for tests and demos without a model hub).",
+    )
+    tiny.add_argument("out", help="output folder")
+    tiny.add_argument("--layers", type=int, default=2, help="transformer layers (default: 2)")
+    tiny.add_argument("--hidden", type=int, default=64, help="hidden size (default: 64)")
+    tiny.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
+    tiny.add_argument("--seed", type=int, default=0, help="weight init seed (default: 0)")
+    tiny.add_argument("--init-std", type=float, default=0.2, help="weight init std (default: 0.2)")
+    tiny.add_argument("--max-seq-len", type=int, default=256, help="max positions (default: 256)")
+    tiny.set_defaults(func=_make_tiny_model)
+
+    info = commands.add_parser("info", help="print a service's model info (the handshake)")
+    info.add_argument("endpoint", help="host:port or grpc://host:port")
+    info.add_argument("--token", help="bearer token, when the service requires one")
+    info.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
+    info.set_defaults(func=_info)
+
+    demo = commands.add_parser(
+        "demo",
+        help="start a tiny teacher and reference as services and query them",
+        description="Build tiny models, start `adpa serve` for a reference and a teacher on free loopback ports, "
+        "fetch log-probs and advantages with the Python client, print them, and stop the services.",
+    )
+    demo.add_argument("--workdir", default="runs/quickstart", help="where models are written (default: %(default)s)")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""The Python client student trainers use to reach teacher and reference services."""
+
+from adpa.client.teacher_client import IncompatibleTeacher, TeacherClient, parse_endpoint
+
+__all__ = ["IncompatibleTeacher", "TeacherClient", "parse_endpoint"]

@@ -1,0 +1,1 @@
+"""Teacher and reference scoring services: engine, validation, gRPC and HTTP servers."""

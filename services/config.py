@@ -1,0 +1,84 @@
+"""ServeConfig: every setting of a teacher or reference service, for the CLI, YAML, env and Ray Serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+
+from adpa.config import AdpaSettings
+from adpa.services.protocol import Limits
+
+
+class ServeConfig(AdpaSettings):
+    role: Literal["teacher", "reference"] = Field(
+        description="teacher: serves pi_dpo log-probs and advantages; reference: serves pi_ref log-probs"
+    )
+    model: str = Field(description="model to serve: a local folder or a hub id")
+    reference: str | None = Field(
+        None,
+        description="teacher only: the reference model, as a local folder / hub id (loaded in this process) "
+        "or an endpoint grpc://host:port of a running reference service",
+    )
+    beta: float = Field(0.1, description="teacher only: advantage scale, A = beta * (log pi_dpo - log pi_ref)")
+    host: str = Field("127.0.0.1", description="address to bind; use 0.0.0.0 to serve other machines")
+    port: int = Field(50051, description="gRPC port")
+    http_port: int = Field(8080, description="HTTP port (health, readiness, info, metrics, JSON scoring); 0 = off")
+    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype (auto: bfloat16 on GPU, float32 on CPU); log-softmax is always fp32"
+    )
+    revision: str | None = Field(None, description="hub revision of the model(s)")
+    trust_remote_code: bool = Field(False, description="allow model code from the hub")
+    max_seq_len: int | None = Field(None, description="longest accepted sequence (default: the model's)")
+    max_batch_tokens: int = Field(8192, description="padded tokens per forward micro-batch")
+    logits_budget_mb: float = Field(
+        64, description="largest fp32 [positions, vocab] block built at once, in MiB"
+    )
+    max_k: int = Field(256, description="largest k of TOPK / INDICES supports")
+    max_samples: int = Field(256, description="largest n of SAMPLED supports")
+    max_indices: int = Field(1024, description="largest number of caller indices per position")
+    max_positions: int = Field(65536, description="largest number of scored positions per request")
+    max_dense_positions: int = Field(4096, description="largest number of positions per DENSE request")
+    max_message_mb: float = Field(64, description="largest gRPC message received or sent, in MiB")
+    max_inflight: int = Field(
+        16, description="requests running or queued at once; more are refused with RESOURCE_EXHAUSTED"
+    )
+    auth_token: SecretStr | None = Field(None, description="bearer token callers must send (off when unset)")
+    reference_token: SecretStr | None = Field(None, description="bearer token for a remote reference")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain; serve TLS when set with tls_key")
+    tls_key: Path | None = Field(None, description="PEM private key for tls_cert")
+    grace_period_s: float = Field(10.0, description="on SIGTERM, time to finish running requests")
+    torch_threads: int | None = Field(None, description="torch CPU threads (default: torch's choice)")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.role == "teacher" and not self.reference:
+            raise ValueError("role=teacher needs reference (a model path or grpc://host:port)")
+        if self.role == "reference" and self.reference:
+            raise ValueError(f"role=reference takes no reference, got reference={self.reference!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        return self
+
+    @property
+    def remote_reference(self) -> bool:
+        return bool(self.reference) and self.reference.startswith(("grpc://", "grpcs://"))
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * (1 << 20))
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_k=self.max_k,
+            max_samples=self.max_samples,
+            max_indices=self.max_indices,
+            max_positions=self.max_positions,
+            max_dense_positions=self.max_dense_positions,
+            max_message_bytes=self.max_message_bytes,
+        )

@@ -1,0 +1,103 @@
+"""Start `adpa serve` as a child process on a free loopback port, and stop it (tests, demos).
+
+    with ServiceProcess(["--role", "reference", "--model", "runs/ref"]) as ref:
+        TeacherClient(ref.endpoint).info()
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from adpa.v1 import scoring_pb2, scoring_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServiceProcess:
+    """`adpa serve ARGS --port P --http-port H` in a child process; ready once ModelInfo answers."""
+
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        http: bool = True,
+        env: dict[str, str] | None = None,
+        log_path: str | Path | None = None,
+        startup_timeout_s: float = 120.0,
+    ):
+        self.port = free_port()
+        self.http_port = free_port() if http else 0
+        self.args = [*args, "--port", str(self.port), "--http-port", str(self.http_port)]
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = Path(log_path) if log_path else None
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"grpc://127.0.0.1:{self.port}"
+
+    def start(self) -> ServiceProcess:
+        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "adpa.cli", "serve", *self.args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            stub = scoring_pb2_grpc.ScorerStub(channel)
+            token = self.env.get("ADPA_AUTH_TOKEN")
+            metadata = (("authorization", f"Bearer {token}"),) if token else ()
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"`adpa serve {' '.join(self.args)}` exited with code {self.proc.returncode}"
+                                       + (f"; see {self.log_path}" if self.log_path else ""))
+                try:
+                    stub.ModelInfo(scoring_pb2.ModelInfoRequest(), timeout=1.0, metadata=metadata)
+                    return
+                except grpc.RpcError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"service on port {self.port} not ready after {self.startup_timeout_s}s")
+                    time.sleep(0.2)
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """SIGTERM (graceful drain), then SIGKILL if it has not exited within `timeout_s`."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.close()
+        return self.proc.returncode if self.proc else None
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

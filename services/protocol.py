@@ -1,0 +1,103 @@
+"""Domain records of the scoring service, independent of any transport (gRPC, HTTP, Ray Serve)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+SignalName = Literal["logprobs", "advantage"]
+SupportName = Literal["topk", "indices", "sampled", "dense"]
+Role = Literal["teacher", "reference"]
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What identifies a served model and its tokenizer (see `adpa.fingerprint`)."""
+
+    model_name: str
+    model_hash: str
+    tokenizer_hash: str
+    vocab_size: int
+    dtype: str
+    max_seq_len: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits a service enforces and announces in its model info."""
+
+    max_k: int = 256
+    max_samples: int = 256
+    max_indices: int = 1024
+    max_positions: int = 65536
+    max_dense_positions: int = 4096
+    max_message_bytes: int = 64 << 20
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    role: Role
+    model: ModelFingerprint
+    reference: ModelFingerprint | None
+    beta: float
+    server_version: str
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class SupportSpec:
+    """Which tokens an answer covers at each scored position (DESIGN.md section 2)."""
+
+    kind: SupportName
+    k: int = 0
+    n: int = 0
+    seed: int = 0
+    temperature: float = 1.0
+    indices: torch.Tensor | None = None  # (P, m) int64, -1 pads; kind == "indices" only
+
+
+@dataclass
+class SupportValues:
+    """One model's log-probs on a support, for P scored positions."""
+
+    indices: torch.Tensor | None  # (P, m) int64, -1 pads; None for dense
+    logprobs: torch.Tensor  # (P, m), or (P, V) for dense; fp32, 0 at pads
+    log_tail: torch.Tensor | None  # (P,) log of the mass outside the support; topk/indices only
+    weights: torch.Tensor | None = None  # (P, n) importance weights; sampled only
+
+
+@dataclass
+class ScoreQuery:
+    """A validated scoring request: token sequences and the half-open range of positions to score.
+
+    Position i of a sequence is the distribution of the token after input_ids[i] (logits[i]).
+    """
+
+    sequences: list[torch.Tensor]  # each (L,) int64
+    ranges: list[tuple[int, int]]
+    signal: SignalName
+    support: SupportSpec
+    value_dtype: str = "FP32"
+    include_logprobs: bool = False
+    request_id: str = ""
+
+    @property
+    def num_positions(self) -> int:
+        return sum(end - start for start, end in self.ranges)
+
+
+@dataclass
+class ScoreResult:
+    """The answer to a ScoreQuery; per-position tensors have P rows in request order."""
+
+    signal: SignalName
+    support: SupportName
+    model: ModelFingerprint
+    reference: ModelFingerprint | None
+    indices: torch.Tensor | None  # (P, m) int64, -1 pads; None for dense
+    values: torch.Tensor  # (P, m) or (P, V) fp32: log-probs or advantages
+    tail: torch.Tensor | None  # (P,) fp32: log tail mass, or the tail bucket's advantage
+    weights: torch.Tensor | None = None  # (P, n): sampled only
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # include_logprobs tensors

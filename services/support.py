@@ -1,0 +1,104 @@
+"""Sparse supports of a distribution: pure functions on fp32 log-probability rows.
+
+Every function takes `logp` of shape (P, V): log pi(. | s_i) for P scored positions, normalised
+over the full vocabulary. Index tensors use -1 as padding; values at pads are 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PAD = -1
+
+
+def gather(logp: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """values[i, j] = logp[i, indices[i, j]], and 0 where indices[i, j] == -1."""
+    valid = indices >= 0
+    values = logp.gather(-1, indices.clamp(min=0))
+    return values.masked_fill(~valid, 0.0)
+
+
+def log_tail_mass(logp: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """log sum_{a not in S_i} pi(a | s_i), with S_i the valid entries of row i of `indices`.
+
+    Computed as a logsumexp over the tokens outside the support, so it has no cancellation
+    error when the support holds almost all the mass (unlike log(1 - sum_S p)); -inf when the
+    support is the whole vocabulary.
+    """
+    in_support = torch.zeros_like(logp, dtype=torch.bool)
+    in_support.scatter_(-1, indices.clamp(min=0), indices >= 0)
+    return logp.masked_fill(in_support, float("-inf")).logsumexp(-1)
+
+
+def topk(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k most probable tokens per row (descending), their log-probs, and the log tail mass."""
+    values, indices = logp.topk(k, dim=-1)
+    return indices, values, log_tail_mass(logp, indices)
+
+
+def sorted_union(a: torch.Tensor, b: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Row-wise union of two index tensors, ascending, duplicates and pads removed, -1 padded.
+
+    The width is the largest union of any row.
+    """
+    sentinel = vocab_size  # sorts after every real id
+    both = torch.cat([a, b], dim=-1)
+    both = both.masked_fill(both < 0, sentinel).sort(dim=-1).values
+    duplicate = torch.zeros_like(both, dtype=torch.bool)
+    duplicate[:, 1:] = both[:, 1:] == both[:, :-1]
+    both = both.masked_fill(duplicate, sentinel).sort(dim=-1).values
+    width = int((both < sentinel).sum(-1).max()) if both.numel() else 0
+    both = both[:, :width]
+    return both.masked_fill(both == sentinel, PAD)
+
+
+def union_with_topk(
+    logp: torch.Tensor, requested: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Support = requested indices of each row united with the model's top-k (k may be 0).
+
+    Returns (indices ascending, -1 padded; their log-probs; log tail mass).
+    """
+    extra = logp.topk(k, dim=-1).indices if k > 0 else requested[:, :0]
+    indices = sorted_union(requested, extra, logp.shape[-1])
+    return indices, gather(logp, indices), log_tail_mass(logp, indices)
+
+
+def sample(
+    logp: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw n tokens per row from the proposal q ∝ pi^(1/T) by inverse CDF of `uniforms` (P, n).
+
+    Returns (indices, log pi at them, importance weights w = pi(a) / (n q(a))), so that
+    sum_j w[i, j] f(indices[i, j]) is an unbiased estimate of sum_a pi(a | s_i) f(a).
+    Drawing from given uniforms keeps the draws independent of how positions are chunked.
+    """
+    log_q = logp if temperature == 1.0 else (logp / temperature).log_softmax(-1)
+    cdf = log_q.exp().cumsum(-1)
+    cdf = cdf / cdf[:, -1:]  # guard against fp32 round-off leaving the last bucket short of 1
+    indices = torch.searchsorted(cdf, uniforms.contiguous(), right=True).clamp(max=logp.shape[-1] - 1)
+    values = logp.gather(-1, indices)
+    n = uniforms.shape[-1]
+    weights = (values - log_q.gather(-1, indices)).exp() / n
+    return indices, values, weights
+
+
+def lookup(support: torch.Tensor, values: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """values at `query` ids, read from rows of an ascending, -1 padded `support`.
+
+    Every valid query id must be in its row's support; pads in `query` read 0.
+    """
+    sentinel = torch.iinfo(torch.int64).max
+    keys = support.to(torch.int64).masked_fill(support < 0, sentinel)
+    pos = torch.searchsorted(keys, query.to(torch.int64).clamp(min=0)).clamp(max=keys.shape[-1] - 1)
+    found = keys.gather(-1, pos) == query
+    valid = query >= 0
+    if not bool(found[valid].all()):
+        raise ValueError("lookup: a queried index is missing from the support")
+    return values.gather(-1, pos).masked_fill(~valid, 0.0)
+
+
+def advantage(logp_dpo: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """A = beta * (log pi_dpo - log pi_ref); 0 where both are -inf (an empty tail bucket)."""
+    both_empty = torch.isneginf(logp_dpo) & torch.isneginf(logp_ref)
+    return (beta * (logp_dpo - logp_ref)).masked_fill(both_empty, 0.0)

@@ -1,0 +1,1 @@
+"""Student training: data, rollouts, losses (DCKD, ADPA, baselines) and trainers."""
