@@ -163,5 +163,9 @@ class ScoringServer:
 
 def serve(config: ServeConfig) -> None:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = ScoringServer(build_service(config), config)
-    server.serve_forever()
+    try:
+        service = build_service(config)
+    except (OSError, ValueError, RuntimeError) as err:  # missing model, tokenizer mismatch, reference down
+        logger.error("cannot start the %s service: %s", config.role, err)
+        raise SystemExit(1) from None
+    ScoringServer(service, config).serve_forever()

@@ -25,9 +25,12 @@ def log_tail_mass(logp: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     error when the support holds almost all the mass (unlike log(1 - sum_S p)); -inf when the
     support is the whole vocabulary.
     """
-    in_support = torch.zeros_like(logp, dtype=torch.bool)
-    in_support.scatter_(-1, indices.clamp(min=0), indices >= 0)
-    return logp.masked_fill(in_support, float("-inf")).logsumexp(-1)
+    vocab = logp.shape[-1]
+    # Pads are sent to an extra column, so every write is True (scatter_ with duplicate
+    # targets is only deterministic when they write the same value).
+    in_support = torch.zeros((logp.shape[0], vocab + 1), dtype=torch.bool, device=logp.device)
+    in_support.scatter_(-1, indices.masked_fill(indices < 0, vocab), True)
+    return logp.masked_fill(in_support[:, :vocab], float("-inf")).logsumexp(-1)
 
 
 def topk(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

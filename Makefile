@@ -1,0 +1,34 @@
+# Set-up-and-go targets. Each creates or reuses .venv and installs what it needs.
+# CPU installs pin torch (TORCH_SPEC); on a GPU machine: make TORCH_SPEC=torch test
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.adpa-installed
+PROTOC := $(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto
+
+.PHONY: install test demo proto bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/adpa demo
+
+# Regenerate the gRPC stubs in proto/adpa/v1 from the .proto files (tests check they are current).
+proto: $(STAMP)
+	$(PROTOC) proto/adpa/v1/*.proto
+
+bench: $(STAMP)
+	$(BIN)/python bench/serving.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

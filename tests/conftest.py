@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny models built offline once per session, and real servers as subprocesses."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from adpa.services.launch import ServiceProcess
+from adpa.tiny_model import make_tiny_model
+
+# Two cores: keep this process and the servers it starts from oversubscribing them.
+torch.set_num_threads(1)
+SERVER_ENV = {"OMP_NUM_THREADS": "1", "ADPA_TORCH_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def teacher_path(models_dir) -> Path:
+    return make_tiny_model(models_dir / "teacher", layers=2, hidden=64, seed=1)
+
+
+@pytest.fixture(scope="session")
+def reference_path(models_dir) -> Path:
+    return make_tiny_model(models_dir / "reference", layers=2, hidden=64, seed=2)
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer_path(models_dir) -> Path:
+    """A model whose tokenizer has one extra word: every fingerprint check must refuse it."""
+    from adpa.tiny_model import DEFAULT_WORDS
+
+    return make_tiny_model(models_dir / "other", seed=3, words=[*DEFAULT_WORDS, "zebra"])
+
+
+def start_service(tmp_path_factory, args: list[str], env: dict[str, str] | None = None) -> ServiceProcess:
+    log = tmp_path_factory.mktemp("logs") / "serve.log"
+    return ServiceProcess(args, env={**SERVER_ENV, **(env or {})}, log_path=log).start()
+
+
+@pytest.fixture(scope="session")
+def reference_server(tmp_path_factory, reference_path):
+    server = start_service(tmp_path_factory, ["--role", "reference", "--model", str(reference_path)])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def teacher_server(tmp_path_factory, teacher_path, reference_server):
+    """A teacher whose reference is the remote reference_server (the deployment shape)."""
+    server = start_service(
+        tmp_path_factory,
+        ["--role", "teacher", "--model", str(teacher_path), "--reference", reference_server.endpoint,
+         "--beta", "0.5", "--max-k", "32", "--max-samples", "4096", "--max-positions", "512",
+         "--max-message-mb", "1"],
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def local_teacher_server(tmp_path_factory, teacher_path, reference_path):
+    """A teacher with its reference in the same process."""
+    server = start_service(
+        tmp_path_factory,
+        ["--role", "teacher", "--model", str(teacher_path), "--reference", str(reference_path), "--beta", "0.5"],
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_server(tmp_path_factory, reference_path):
+    server = start_service(
+        tmp_path_factory,
+        ["--role", "reference", "--model", str(reference_path)],
+        env={"ADPA_AUTH_TOKEN": "s3cret-token"},
+    )
+    yield server
+    server.stop()

@@ -1,0 +1,87 @@
+"""Configuration precedence (defaults < YAML < env < flags), validation messages, and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from adpa.cli import build_parser
+from adpa.config import settings_from_args
+from adpa.services.config import ServeConfig
+
+
+def load(argv: list[str]) -> ServeConfig:
+    return settings_from_args(ServeConfig, build_parser().parse_args(["serve", *argv]))
+
+
+def test_precedence_yaml_env_flags(tmp_path, monkeypatch):
+    config = tmp_path / "serve.yaml"
+    config.write_text("role: reference\nmodel: from-yaml\nport: 1111\nhttp_port: 2222\nmax_k: 7\n")
+    monkeypatch.setenv("ADPA_PORT", "3333")
+    monkeypatch.setenv("ADPA_MAX_K", "9")
+    cfg = load(["--config", str(config), "--max-k", "11"])
+    assert cfg.model == "from-yaml"  # YAML over default
+    assert cfg.http_port == 2222
+    assert cfg.port == 3333  # env over YAML
+    assert cfg.max_k == 11  # flag over env
+    assert cfg.host == "127.0.0.1"  # loopback unless asked
+
+
+def test_secrets_from_env_are_hidden(monkeypatch):
+    monkeypatch.setenv("ADPA_AUTH_TOKEN", "hunter2")
+    cfg = load(["--role", "reference", "--model", "m"])
+    assert cfg.auth_token.get_secret_value() == "hunter2"
+    assert "hunter2" not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--role", "teacher", "--model", "m"], "needs reference"),
+        (["--role", "reference", "--model", "m", "--reference", "r"], "takes no reference"),
+        (["--role", "teacher", "--model", "m", "--reference", "r", "--beta", "-1"], "beta must be > 0"),
+        (["--role", "reference"], "model"),
+    ],
+)
+def test_invalid_configs_name_the_problem(argv, message):
+    with pytest.raises(ValidationError, match=message):
+        load(argv)
+
+
+def test_unknown_yaml_key_is_rejected(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("role: reference\nmodel: m\nmax_kk: 3\n")
+    with pytest.raises(ValidationError, match="max_kk"):
+        load(["--config", str(config)])
+
+
+def test_cli_reports_bad_config_without_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "adpa.cli", "serve", "--role", "teacher", "--model", "m"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "needs reference" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_lists_every_setting():
+    proc = subprocess.run([sys.executable, "-m", "adpa.cli", "serve", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    for name in ServeConfig.model_fields:
+        assert "--" + name.replace("_", "-") in proc.stdout
+
+
+def test_teacher_refuses_a_reference_with_another_tokenizer(teacher_path, other_tokenizer_path, tmp_path):
+    from adpa.services.launch import ServiceProcess
+
+    server = ServiceProcess(
+        ["--role", "teacher", "--model", str(teacher_path), "--reference", str(other_tokenizer_path)],
+        env={"ADPA_TORCH_THREADS": "1"}, log_path=tmp_path / "serve.log", http=False,
+    )
+    with pytest.raises(RuntimeError, match="exited with code"):
+        server.start()
+    assert "do not share a tokenizer" in (tmp_path / "serve.log").read_text()
