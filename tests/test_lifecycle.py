@@ -1,0 +1,124 @@
+"""Overload, deadlines, graceful drain on SIGTERM, and client failover, against real servers."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from adpa.client import TeacherClient
+from adpa.services import convert
+from adpa.services.launch import ServiceProcess, free_port
+from adpa.services.protocol import ScoreQuery, SupportSpec
+from adpa.v1 import scoring_pb2_grpc
+
+from .conftest import SERVER_ENV
+
+# Heavy enough for a tiny model to take a while: 64 sequences forwarded one at a time.
+HEAVY = [torch.randint(7, 77, (250,), generator=torch.Generator().manual_seed(i)) for i in range(64)]
+HEAVY_RANGES = [(0, 250)] * 64
+
+
+def heavy_request():
+    query = ScoreQuery(sequences=HEAVY, ranges=HEAVY_RANGES, signal="logprobs", support=SupportSpec("topk", k=4))
+    return convert.query_to_pb(query)
+
+
+@pytest.fixture()
+def slow_server(tmp_path, reference_path):
+    """A reference that admits one request at a time and forwards one sequence per micro-batch."""
+    server = ServiceProcess(
+        ["--role", "reference", "--model", str(reference_path), "--max-inflight", "1", "--max-batch-tokens", "256",
+         "--grace-period-s", "30"],
+        env=SERVER_ENV, log_path=tmp_path / "serve.log", http=False,
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_overload_is_refused_with_a_retry_hint(slow_server):
+    outcomes = []
+    with grpc.insecure_channel(f"127.0.0.1:{slow_server.port}") as channel:
+        stub = scoring_pb2_grpc.ScorerStub(channel)
+
+        def call():
+            try:
+                stub.Score(heavy_request(), timeout=60)
+                outcomes.append(("OK", None))
+            except grpc.RpcError as err:
+                hint = dict(err.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+                outcomes.append((err.code().name, hint))
+
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    codes = [code for code, _ in outcomes]
+    assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes, codes
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
+    assert all(int(hint) > 0 for code, hint in outcomes if code == "RESOURCE_EXHAUSTED")
+
+    # The client retries on RESOURCE_EXHAUSTED, so concurrent callers all get through.
+    results = []
+    with TeacherClient(slow_server.endpoint, max_retries=50, backoff_s=0.05) as client:
+        def scored():
+            results.append(client.score(HEAVY[:8], HEAVY_RANGES[:8], support=SupportSpec("topk", k=4)))
+
+        threads = [threading.Thread(target=scored) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(results) == 4
+    assert all(torch.equal(r.indices, results[0].indices) for r in results)
+
+
+def test_missed_deadline_is_deadline_exceeded(slow_server):
+    with grpc.insecure_channel(f"127.0.0.1:{slow_server.port}") as channel:
+        stub = scoring_pb2_grpc.ScorerStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Score(heavy_request(), timeout=0.05)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The server noticed and moved on: the next call is answered.
+        answer = stub.Score(convert.query_to_pb(ScoreQuery(
+            sequences=HEAVY[:1], ranges=[(0, 5)], signal="logprobs", support=SupportSpec("topk", k=2))), timeout=30)
+        assert convert.result_from_pb(answer).indices.shape == (5, 2)
+
+
+def test_sigterm_finishes_running_work_then_exits(slow_server):
+    outcome = {}
+    with grpc.insecure_channel(f"127.0.0.1:{slow_server.port}") as channel:
+        stub = scoring_pb2_grpc.ScorerStub(channel)
+
+        def call():
+            try:
+                outcome["answer"] = convert.result_from_pb(stub.Score(heavy_request(), timeout=60))
+            except grpc.RpcError as err:
+                outcome["error"] = err.code()
+
+        running = threading.Thread(target=call)
+        running.start()
+        time.sleep(0.3)  # the request is in the model now
+        slow_server.proc.send_signal(signal.SIGTERM)
+        running.join()
+    assert "error" not in outcome, outcome
+    assert outcome["answer"].indices.shape == (64 * 250, 4)
+    assert slow_server.proc.wait(timeout=30) == 0
+    with grpc.insecure_channel(f"127.0.0.1:{slow_server.port}") as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            scoring_pb2_grpc.ScorerStub(channel).Score(heavy_request(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_client_fails_over_to_a_live_endpoint(reference_server):
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens here
+    with TeacherClient([dead, reference_server.endpoint], backoff_s=0.01, timeout=30) as client:
+        for _ in range(4):  # round-robin starts on each endpoint in turn
+            answer = client.score([[5, 6, 7]], [(0, 3)], support=SupportSpec("topk", k=2))
+            assert answer.indices.shape == (3, 2)
