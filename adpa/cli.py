@@ -4,6 +4,8 @@
     adpa serve --role reference --model runs/tiny/reference --port 50052 --http-port 8082
     adpa serve --role teacher --model runs/tiny/teacher --reference grpc://127.0.0.1:50052
     adpa info grpc://127.0.0.1:50051
+    adpa train dckd --model runs/student --dataset prefs.jsonl --teacher grpc://127.0.0.1:50051 --output_dir runs/dckd
+    adpa eval --model runs/dckd --prompts test.jsonl --reward mypkg.rewards:score
     adpa demo
 """
 
@@ -100,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
     info.set_defaults(func=_info)
 
+    commands.add_parser(
+        "train", help="train a model: sft, dpo, simpo, seqkd, dckd, adpa, adpa-plus, ... (see `adpa train --help`)",
+        add_help=False,
+    )
+    commands.add_parser("eval", help="evaluate a model's responses with a reward (see `adpa eval --help`)",
+                        add_help=False)
+
     demo = commands.add_parser(
         "demo",
         help="start a tiny teacher and reference as services and query them",
@@ -112,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # train and eval parse their own flags (from the trainers' config dataclasses).
+    if argv and argv[0] in ("train", "eval"):
+        from adpa.training.cli import eval_main, train_main
+
+        return (train_main if argv[0] == "train" else eval_main)(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -1,5 +1,5 @@
 """The Python client student trainers use to reach teacher and reference services."""
 
-from adpa.client.teacher_client import IncompatibleTeacher, TeacherClient, parse_endpoint
+from adpa.client.teacher_client import IncompatibleTeacher, TeacherClient, check_compatible, parse_endpoint
 
-__all__ = ["IncompatibleTeacher", "TeacherClient", "parse_endpoint"]
+__all__ = ["IncompatibleTeacher", "TeacherClient", "check_compatible", "parse_endpoint"]

@@ -30,18 +30,39 @@ from transformers import PreTrainedTokenizerBase
 
 from adpa.fingerprint import tokenizer_fingerprint
 from adpa.services import convert
-from adpa.services.protocol import ModelInfo, ScoreQuery, ScoreResult, SignalName, SupportSpec
+from adpa.services.protocol import (
+    ModelInfo,
+    ScoreQuery,
+    ScoreResult,
+    SignalName,
+    SupportSpec,
+    answer_bytes_per_position,
+)
 from adpa.v1 import scoring_pb2 as pb
 from adpa.v1 import scoring_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
-VALUE_BYTES = {"FP32": 4, "BF16": 2, "FP16": 2}
 
 
 class IncompatibleTeacher(RuntimeError):
     """The teacher's tokenizer or vocabulary differs from the student's."""
+
+
+def check_compatible(
+    info: ModelInfo, tokenizer: PreTrainedTokenizerBase, vocab_size: int | None = None, where: str = ""
+) -> ModelInfo:
+    """Raise IncompatibleTeacher unless the student's tokenizer and vocab size match the teacher's."""
+    ours = tokenizer_fingerprint(tokenizer)
+    vocab = vocab_size if vocab_size is not None else len(tokenizer)
+    if ours != info.model.tokenizer_hash or vocab != info.model.vocab_size:
+        raise IncompatibleTeacher(
+            f"teacher {info.model.model_name}{where} has tokenizer {info.model.tokenizer_hash} "
+            f"and vocab size {info.model.vocab_size}; the student has tokenizer {ours} and vocab size {vocab}. "
+            "Signals are per token id, so both must use the same tokenizer."
+        )
+    return info
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, bool]:
@@ -119,16 +140,7 @@ class TeacherClient:
 
         `vocab_size` is the student model's output size (defaults to len(tokenizer)).
         """
-        info = self.info()
-        ours = tokenizer_fingerprint(tokenizer)
-        vocab = vocab_size if vocab_size is not None else len(tokenizer)
-        if ours != info.model.tokenizer_hash or vocab != info.model.vocab_size:
-            raise IncompatibleTeacher(
-                f"teacher {info.model.model_name} at {self.endpoints[0]} has tokenizer {info.model.tokenizer_hash} "
-                f"and vocab size {info.model.vocab_size}; the student has tokenizer {ours} and vocab size {vocab}. "
-                "Signals are per token id, so both must use the same tokenizer."
-            )
-        return info
+        return check_compatible(self.info(), tokenizer, vocab_size, where=f" at {self.endpoints[0]}")
 
     def score(
         self,
@@ -178,18 +190,10 @@ class TeacherClient:
     def _split(self, sequences, ranges, support, value_dtype, include_logprobs):
         """Yield [lo, hi) slices of the batch whose requests and answers fit the server's limits."""
         limits = self.info().limits
-        vocab = self.info().model.vocab_size
-        if support.kind == "dense":
-            width = vocab
-        elif support.kind == "sampled":
-            width = support.n
-        else:
-            width = min(vocab, support.k + (support.indices.shape[1] if support.indices is not None else 0))
-        per_position = width * (VALUE_BYTES[value_dtype] + 4) + 8
-        per_position *= 3 if include_logprobs else 1
-        per_position += 4 * (support.indices.shape[1] if support.indices is not None else 0)
+        per_position = answer_bytes_per_position(support, value_dtype, self.info().model.vocab_size, include_logprobs)
+        per_position += 4 * (support.indices.shape[1] if support.indices is not None else 0) + 16  # request + framing
         budget = int(0.8 * min(limits.max_message_bytes, self.max_message_bytes))
-        max_positions = limits.max_positions if support.kind != "dense" else min(limits.max_positions, 4096)
+        max_positions = limits.max_dense_positions if support.kind == "dense" else limits.max_positions
         lo, positions, size = 0, 0, 0
         for b, (seq, (start, end)) in enumerate(zip(sequences, ranges)):
             p = end - start
@@ -212,9 +216,11 @@ class TeacherClient:
                 return getattr(stub, method)(request, timeout=max(remaining, 0.001), metadata=self._metadata)
             except grpc.RpcError as err:
                 code = err.code()
-                if code not in RETRYABLE or attempt >= self.max_retries:
-                    raise
                 delay = _pushback_s(err)
+                # RESOURCE_EXHAUSTED without a pushback hint is a size limit: retrying can't help.
+                transient = code == grpc.StatusCode.UNAVAILABLE or (code in RETRYABLE and delay is not None)
+                if not transient or attempt >= self.max_retries:
+                    raise
                 if delay is None:
                     delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
                 if time.monotonic() + delay >= deadline:

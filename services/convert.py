@@ -54,6 +54,7 @@ def info_to_pb(info: ModelInfo) -> pb.ModelInfoResponse:
         max_indices=limits.max_indices,
         max_positions=limits.max_positions,
         max_message_bytes=limits.max_message_bytes,
+        max_dense_positions=limits.max_dense_positions,
     )
 
 
@@ -70,6 +71,7 @@ def info_from_pb(msg: pb.ModelInfoResponse) -> ModelInfo:
             max_indices=msg.max_indices,
             max_positions=msg.max_positions,
             max_message_bytes=msg.max_message_bytes,
+            max_dense_positions=msg.max_dense_positions,
         ),
     )
 

@@ -101,3 +101,21 @@ class ScoreResult:
     tail: torch.Tensor | None  # (P,) fp32: log tail mass, or the tail bucket's advantage
     weights: torch.Tensor | None = None  # (P, n): sampled only
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # include_logprobs tensors
+
+
+VALUE_BYTES = {"FP32": 4, "BF16": 2, "FP16": 2}
+
+
+def answer_bytes_per_position(
+    support: SupportSpec, value_dtype: str, vocab_size: int, include_logprobs: bool = False
+) -> int:
+    """Upper bound on the answer's payload bytes per scored position (protobuf framing aside)."""
+    value = VALUE_BYTES[value_dtype]
+    if support.kind == "dense":
+        return vocab_size * value * (3 if include_logprobs else 1)
+    if support.kind == "sampled":  # int32 id + value + fp32 weight per draw
+        return support.n * (4 + value * (3 if include_logprobs else 1) + 4)
+    requested = support.indices.shape[1] if support.indices is not None else 0
+    width = min(vocab_size, requested + support.k)
+    values = width * value * (3 if include_logprobs else 1)
+    return width * 4 + values + 4 * (3 if include_logprobs else 1)  # ids + values + fp32 tails

@@ -27,12 +27,12 @@ from adpa.services.protocol import (
     ScoreResult,
     SupportSpec,
     SupportValues,
+    VALUE_BYTES,
+    answer_bytes_per_position,
 )
 
 if TYPE_CHECKING:
     from adpa.client import TeacherClient
-
-VALUE_BYTES = {"FP32": 4, "BF16": 2, "FP16": 2}
 
 StopFn = Callable[[], bool]
 
@@ -217,10 +217,9 @@ class ScoringService:
         if query.value_dtype not in VALUE_BYTES:
             raise InvalidArgument(f"value dtype must be one of {list(VALUE_BYTES)}, got {query.value_dtype!r}")
         self._validate_support(query.support, positions, vocab)
-        width = self._answer_width(query.support, vocab)
-        answer_bytes = positions * (width * (VALUE_BYTES[query.value_dtype] + (query.support.kind != "dense") * 4) + 8)
-        if query.include_logprobs:
-            answer_bytes *= 3
+        answer_bytes = positions * answer_bytes_per_position(
+            query.support, query.value_dtype, vocab, query.include_logprobs
+        )
         if answer_bytes > limits.max_message_bytes:
             raise ResourceExhausted(
                 f"the answer would take about {answer_bytes} bytes, over the message limit "
@@ -258,15 +257,6 @@ class ScoringService:
                 )
         else:
             raise InvalidArgument(f"support kind must be TOPK, INDICES, SAMPLED or DENSE, got {support.kind!r}")
-
-    @staticmethod
-    def _answer_width(support: SupportSpec, vocab: int) -> int:
-        if support.kind == "dense":
-            return vocab
-        if support.kind == "sampled":
-            return support.n
-        requested = support.indices.shape[1] if support.kind == "indices" else 0
-        return min(vocab, requested + support.k)
 
 
 def check_same_tokenizer(teacher: ModelFingerprint, reference: ModelFingerprint) -> None:

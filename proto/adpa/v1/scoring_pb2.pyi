@@ -71,7 +71,7 @@ class ModelFingerprint(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_hash: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., max_seq_len: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("role", "model", "reference", "beta", "server_version", "max_k", "max_samples", "max_indices", "max_positions", "max_message_bytes")
+    __slots__ = ("role", "model", "reference", "beta", "server_version", "max_k", "max_samples", "max_indices", "max_positions", "max_message_bytes", "max_dense_positions")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class ModelInfoResponse(_message.Message):
     MAX_INDICES_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_DENSE_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     role: str
     model: ModelFingerprint
     reference: ModelFingerprint
@@ -92,7 +93,8 @@ class ModelInfoResponse(_message.Message):
     max_indices: int
     max_positions: int
     max_message_bytes: int
-    def __init__(self, role: _Optional[str] = ..., model: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., reference: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., beta: _Optional[float] = ..., server_version: _Optional[str] = ..., max_k: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_indices: _Optional[int] = ..., max_positions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    max_dense_positions: int
+    def __init__(self, role: _Optional[str] = ..., model: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., reference: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., beta: _Optional[float] = ..., server_version: _Optional[str] = ..., max_k: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_indices: _Optional[int] = ..., max_positions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_dense_positions: _Optional[int] = ...) -> None: ...
 
 class Support(_message.Message):
     __slots__ = ("kind", "k", "n", "seed", "temperature", "indices")

@@ -1,0 +1,238 @@
+"""Serving benchmark: wire bytes per scored position, and engine vs gRPC throughput.
+
+    .venv/bin/python bench/serving.py                                   # defaults (what `make bench` runs)
+    .venv/bin/python bench/serving.py --repeats 2 --batch 4 --out bench.json   # a quick smoke run
+    .venv/bin/python bench/serving.py --threads 2 --layers 8 --hidden 512 --workdir runs/bench
+
+Builds a tiny random teacher (seed 1) and reference (seed 2) with adpa.tiny_model, then
+1. wire: the serialized ScoreResponse size / P for every support kind, signal and value dtype,
+   built in process (ScoringService + convert.result_to_pb, no server), plus a *computed*
+   projection to a real vocabulary (V=128256) from the payload formula the proto implies;
+2. throughput: positions/s of ScoringEngine.score in process, and of the same batch through
+   `adpa serve` subprocesses (reference: LOGPROBS; teacher with in-process reference: ADVANTAGE)
+   called with TeacherClient, with equal torch threads on both sides.
+The tiny tokenizer's vocabulary is fixed at 77 tokens (70 words + 7 specials); there is no
+option to change it. JSON goes to stdout (or --out), a readable table to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from adpa.client import TeacherClient
+from adpa.services import convert
+from adpa.services.engine import ScoringEngine
+from adpa.services.launch import ServiceProcess
+from adpa.services.protocol import ScoreQuery, SupportSpec
+from adpa.services.scoring import LocalReference, ScoringService
+from adpa.tiny_model import make_tiny_model
+
+REAL_VOCAB = 128256  # Llama 3
+VALUE_BYTES = {"FP32": 4, "BF16": 2}
+TENSOR_FIELDS = ("indices", "values", "tail", "weights")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workdir", help="where the tiny models go (default: a temporary folder)")
+    p.add_argument("--layers", type=int, default=4, help="transformer layers of the tiny models")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size of the tiny models")
+    p.add_argument("--batch", type=int, default=16, help="sequences per request")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--scored", type=int, default=96, help="scored positions per sequence (the last ones)")
+    p.add_argument("--k", type=int, default=32, help="k of TOPK / INDICES, n of SAMPLED")
+    p.add_argument("--caller-ids", type=int, default=8, help="caller indices per position for INDICES")
+    p.add_argument("--value-dtype", default="BF16", choices=sorted(VALUE_BYTES), help="values dtype over gRPC")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, here and in the servers (--torch-threads)")
+    p.add_argument("--device", default="cpu", help="torch device for the engines and the servers (cpu, cuda, auto)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before each measurement")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (the median is reported)")
+    p.add_argument("--skip-grpc", action="store_true", help="measure only in process (no servers)")
+    p.add_argument("--out", help="write the JSON here instead of stdout")
+    return p.parse_args(argv)
+
+
+def make_batch(args, vocab: int) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    """`batch` random sequences; the last `scored` tokens are the response, scored by [L-1-scored, L-1)."""
+    if not 0 < args.scored < args.seq_len:
+        raise SystemExit(f"--scored must be in [1, {args.seq_len - 1}]")
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, vocab, (args.seq_len,), generator=g) for _ in range(args.batch)]
+    return seqs, [(args.seq_len - 1 - args.scored, args.seq_len - 1)] * args.batch
+
+
+def supports(args, positions: int, vocab: int) -> dict[str, SupportSpec]:
+    caller = torch.randint(0, vocab, (positions, args.caller_ids), generator=torch.Generator().manual_seed(1))
+    return {
+        "topk": SupportSpec("topk", k=args.k),
+        "indices": SupportSpec("indices", k=args.k, indices=caller),
+        "sampled": SupportSpec("sampled", n=args.k, seed=3),
+        "dense": SupportSpec("dense"),
+    }
+
+
+def payload_per_position(kind: str, width: int, value_bytes: int) -> int:
+    """Bytes per position of the per-position tensors, as the proto lays them out (no framing)."""
+    if kind == "dense":
+        return width * value_bytes  # values only
+    if kind == "sampled":
+        return width * (4 + value_bytes + 4)  # int32 ids, values, fp32 weights; no tail
+    return width * (4 + value_bytes) + 4  # int32 ids, values, fp32 tail
+
+
+def measure_wire(args, service: ScoringService, seqs, ranges) -> list[dict]:
+    positions = sum(e - s for s, e in ranges)
+    specs = supports(args, positions, service.engine.vocab_size)
+    rows = []
+    for kind, spec in specs.items():
+        for signal in ("logprobs", "advantage"):
+            for dtype in VALUE_BYTES:
+                query = ScoreQuery(seqs, ranges, signal, spec, value_dtype=dtype, request_id="bench-0000000000")
+                msg = convert.result_to_pb(service.score(query), query.request_id, dtype)
+                total = msg.ByteSize()
+                bare = type(msg)()
+                bare.CopyFrom(msg)
+                for name in TENSOR_FIELDS:
+                    bare.ClearField(name)
+                width = list(msg.values.shape)[1]
+                real_width = {"dense": REAL_VOCAB, "indices": args.k + args.caller_ids}.get(kind, args.k)
+                overhead = total / positions - payload_per_position(kind, width, VALUE_BYTES[dtype])
+                rows.append({
+                    "support": kind, "signal": signal, "value_dtype": dtype, "positions": positions,
+                    "width": width, "response_bytes": total, "fixed_bytes": bare.ByteSize(),
+                    "bytes_per_position": total / positions,
+                    "framing_per_position": overhead,  # measured - formula: fingerprints, tags, shapes
+                    "projected_width": real_width,
+                    "projected_bytes_per_position": payload_per_position(kind, real_width, VALUE_BYTES[dtype]) + overhead,
+                })
+    return rows
+
+
+def timed(fn, warmup: int, repeats: int) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def rate(positions: int, median: float, times: list[float]) -> dict:
+    return {"positions_per_s": positions / median, "median_s": median, "times_s": times}
+
+
+def measure_in_process(args, service: ScoringService, seqs, ranges) -> dict:
+    positions, spec = sum(e - s for s, e in ranges), SupportSpec("topk", k=args.k)
+    engine_fn = lambda: service.reference.engine.score(seqs, ranges, spec)  # noqa: E731  (the served reference)
+    adv_query = ScoreQuery(seqs, ranges, "advantage", spec, value_dtype=args.value_dtype)
+    return {
+        "engine_logprobs": rate(positions, *timed(engine_fn, args.warmup, args.repeats)),
+        "service_advantage": rate(positions, *timed(lambda: service.score(adv_query), args.warmup, args.repeats)),
+    }
+
+
+def measure_grpc(args, service_args: list[str], signal: str, expected: tuple, seqs, ranges, log: Path) -> dict:
+    """Start one `adpa serve`, time TeacherClient.score on the batch, and always stop the server."""
+    positions, spec = sum(e - s for s, e in ranges), SupportSpec("topk", k=args.k)
+    common = ["--device", args.device, "--torch-threads", str(args.threads), "--log-level", "WARNING"]
+    server = ServiceProcess([*service_args, *common], http=False, log_path=log)
+    try:
+        server.start()
+        with TeacherClient(server.endpoint, timeout=600.0) as client:
+            call = lambda: client.score(seqs, ranges, signal=signal, support=spec, value_dtype=args.value_dtype)  # noqa: E731
+            answer = call()
+            result = rate(positions, *timed(call, max(0, args.warmup - 1), args.repeats))
+    finally:
+        server.stop()
+    # Same weights, same batch: the remote answer must be the in-process one (up to BF16 rounding).
+    result["matches_in_process"] = bool(
+        torch.equal(answer.indices, expected[0])
+        and torch.allclose(answer.values, expected[1], **(dict(rtol=1e-2, atol=1e-2) if args.value_dtype == "BF16" else {}))
+    )
+    return result
+
+
+def print_table(doc: dict) -> None:
+    err = lambda s="": print(s, file=sys.stderr)  # noqa: E731
+    cfg = doc["config"]
+    err(f"vocab V={doc['vocab_size']} (fixed by adpa.tiny_model); model {cfg['layers']}x{cfg['hidden']}; "
+        f"batch {cfg['batch']}x{cfg['seq_len']}, P={doc['positions']}; torch {doc['torch']} on {doc['device']}, "
+        f"{cfg['threads']} thread(s)")
+    err(f"\nwire: measured ScoreResponse bytes / P at V={doc['vocab_size']}; 'projected' is COMPUTED for "
+        f"V={REAL_VOCAB} (formula + measured framing), not measured")
+    err(f"{'support':8} {'signal':9} {'dtype':5} {'width':>5} {'B/pos':>9} {'framing':>8} {'proj.width':>10} {'proj.B/pos':>11}")
+    for r in doc["wire"]:
+        err(f"{r['support']:8} {r['signal']:9} {r['value_dtype']:5} {r['width']:5d} {r['bytes_per_position']:9.1f} "
+            f"{r['framing_per_position']:8.2f} {r['projected_width']:10d} {r['projected_bytes_per_position']:11.1f}")
+    err(f"dense fp32 reference 4*V: {4 * doc['vocab_size']} B at V={doc['vocab_size']}, {4 * REAL_VOCAB} B at "
+        f"V={REAL_VOCAB}; DESIGN budget for top-32 BF16 advantage: <= 300 B/pos")
+    err("\nthroughput (topk k={}, median of {}; timings on this machine only):".format(cfg["k"], cfg["repeats"]))
+    for name, r in doc["throughput"].items():
+        if isinstance(r, dict):
+            extra = "" if "matches_in_process" not in r else f"  matches in process: {r['matches_in_process']}"
+            err(f"  {name:28} {r['positions_per_s']:10.0f} positions/s{extra}")
+        else:
+            err(f"  {name:28} {r:10.3f}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()  # keep stderr for the table
+    with tempfile.TemporaryDirectory(prefix="adpa-bench-") as tmp:
+        work = Path(args.workdir or tmp)
+        size = dict(layers=args.layers, hidden=args.hidden, max_seq_len=max(256, args.seq_len))
+        teacher = make_tiny_model(work / "teacher", seed=1, **size)
+        reference = make_tiny_model(work / "reference", seed=2, **size)
+        load = dict(device=args.device, dtype="float32" if args.device == "cpu" else "auto")
+        engine = ScoringEngine.from_pretrained(str(teacher), **load)
+        ref_engine = ScoringEngine.from_pretrained(str(reference), **load)
+        service = ScoringService(engine, role="teacher", reference=LocalReference(ref_engine))
+        seqs, ranges = make_batch(args, engine.vocab_size)
+        positions = sum(e - s for s, e in ranges)
+        doc = {
+            "config": vars(args), "vocab_size": engine.vocab_size, "positions": positions,
+            "note": "tiny_model's vocabulary is fixed at 77 tokens; projected columns are computed, not measured",
+            "torch": torch.__version__, "device": str(engine.device), "torch_threads": torch.get_num_threads(),
+            "wire": measure_wire(args, service, seqs, ranges),
+            "throughput": measure_in_process(args, service, seqs, ranges),
+        }
+        if not args.skip_grpc:
+            topk = SupportSpec("topk", k=args.k)
+            ref_own = ref_engine.score(seqs, ranges, topk)
+            ref_own = (ref_own.indices, ref_own.logprobs)
+            adv = service.score(ScoreQuery(seqs, ranges, "advantage", topk))
+            adv = (adv.indices, adv.values)
+            tp = doc["throughput"]
+            tp["grpc_reference_logprobs"] = measure_grpc(
+                args, ["--role", "reference", "--model", str(reference)], "logprobs", ref_own, seqs, ranges,
+                work / "serve-reference.log")
+            tp["grpc_teacher_advantage"] = measure_grpc(
+                args, ["--role", "teacher", "--model", str(teacher), "--reference", str(reference)], "advantage",
+                adv, seqs, ranges, work / "serve-teacher.log")
+            tp["ratio_logprobs_grpc_over_engine"] = (
+                tp["grpc_reference_logprobs"]["positions_per_s"] / tp["engine_logprobs"]["positions_per_s"])
+            tp["ratio_advantage_grpc_over_service"] = (
+                tp["grpc_teacher_advantage"]["positions_per_s"] / tp["service_advantage"]["positions_per_s"])
+    print_table(doc)
+    text = json.dumps(doc, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
