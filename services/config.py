@@ -38,7 +38,9 @@ class ServeConfig(AdpaSettings):
     )
     max_k: int = Field(256, description="largest k of TOPK / INDICES supports")
     max_samples: int = Field(256, description="largest n of SAMPLED supports")
-    max_indices: int = Field(1024, description="largest number of caller indices per position")
+    max_indices: int = Field(
+        1024, description="largest INDICES support per position (caller ids + k); a remote reference needs at least its teacher's"
+    )
     max_positions: int = Field(65536, description="largest number of scored positions per request")
     max_dense_positions: int = Field(4096, description="largest number of positions per DENSE request")
     max_message_mb: float = Field(64, description="largest gRPC message received or sent, in MiB")

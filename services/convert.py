@@ -117,7 +117,8 @@ def query_from_pb(msg: pb.ScoreRequest) -> ScoreQuery:
         raise InvalidArgument(f"support.kind must be TOPK, INDICES, SAMPLED or DENSE, got enum value {msg.support.kind}")
     if msg.value_dtype not in wire.VALUE_DTYPES:
         raise InvalidArgument(f"value_dtype must be FP32, BF16 or FP16, got enum value {msg.value_dtype}")
-    if bool((lengths < 0).any()) or int(lengths.sum()) != len(ids):
+    # Summed in Python: int64 sums of huge lengths can wrap around to the right total.
+    if bool((lengths < 0).any()) or bool((lengths > len(ids)).any()) or sum(lengths.tolist()) != len(ids):
         raise InvalidArgument(f"lengths must be >= 0 and sum to len(input_ids)={len(ids)}, got {lengths.tolist()[:16]}")
     if ranges.shape != (len(lengths), 2):
         raise InvalidArgument(f"score_ranges must have shape [{len(lengths)}, 2], got {list(ranges.shape)}")

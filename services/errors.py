@@ -41,3 +41,7 @@ class DeadlineExceeded(ServiceError):
 
 class Cancelled(ServiceError):
     code, http_status = grpc.StatusCode.CANCELLED, 499
+
+
+class Internal(ServiceError):
+    code, http_status = grpc.StatusCode.INTERNAL, 500

@@ -12,12 +12,13 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+import grpc
 import torch
 
 from adpa import __version__
 from adpa.services import support as sup
 from adpa.services.engine import ScoringEngine
-from adpa.services.errors import InvalidArgument, OutOfRange, ResourceExhausted, Unavailable
+from adpa.services.errors import Internal, InvalidArgument, OutOfRange, ResourceExhausted, Unavailable
 from adpa.services.protocol import (
     Limits,
     ModelFingerprint,
@@ -81,8 +82,17 @@ class RemoteReference:
         return self._fingerprint
 
     def score(self, sequences, ranges, support, should_stop=None) -> SupportValues:
-        answer = self.client.score(sequences, ranges, signal="logprobs", support=support, value_dtype="FP32")
+        try:
+            answer = self.client.score(sequences, ranges, signal="logprobs", support=support, value_dtype="FP32")
+        except grpc.RpcError as err:
+            if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise Unavailable(f"reference model unavailable ({err.code().name}): {err.details()}") from None
+            # The teacher built this request: a refusal is this deployment's fault, not the caller's.
+            raise Internal(f"reference model refused the teacher's request ({err.code().name}): {err.details()}") from None
         return SupportValues(indices=answer.indices, logprobs=answer.values, log_tail=answer.tail)
+
+    def max_indices(self) -> int:
+        return self.client.info().limits.max_indices
 
     def ready(self) -> bool:
         try:
@@ -103,8 +113,9 @@ def reference_at(
     if indices is None:
         dense = reference.score(sequences, ranges, SupportSpec("dense"), should_stop)
         return dense.logprobs, None
-    answer = reference.score(sequences, ranges, SupportSpec("indices", k=0, indices=indices), should_stop)
-    # The answer's support is the sorted set of `indices`; read it back in the order asked.
+    # Ask for each distinct id once (sampled supports repeat ids), then read them back in order.
+    unique = sup.sorted_union(indices, indices[:, :0], reference.fingerprint.vocab_size)
+    answer = reference.score(sequences, ranges, SupportSpec("indices", k=0, indices=unique), should_stop)
     return sup.lookup(answer.indices, answer.logprobs, indices), answer.log_tail
 
 
@@ -131,6 +142,15 @@ class ScoringService:
         self.limits = limits
         if reference is not None:
             check_same_tokenizer(engine.fingerprint, reference.fingerprint)
+        if isinstance(reference, RemoteReference):
+            # The widest support the teacher may forward: an INDICES support, or n distinct draws.
+            widest = min(engine.vocab_size, max(limits.max_indices, limits.max_samples))
+            if reference.max_indices() < widest:
+                raise ValueError(
+                    f"the reference accepts {reference.max_indices()} indices per position, but this teacher may "
+                    f"forward {widest} (its max_indices or max_samples); start the reference with "
+                    f"--max-indices {widest} or lower the teacher's limits"
+                )
 
     def info(self) -> ModelInfo:
         return ModelInfo(
@@ -159,12 +179,7 @@ class ScoringService:
                 tail=own.log_tail,
                 weights=own.weights,
             )
-        try:
-            ref_logp, ref_tail = reference_at(self.reference, query.sequences, query.ranges, own.indices, should_stop)
-        except Exception as exc:  # a remote reference that fails makes the teacher unavailable
-            if isinstance(exc, (InvalidArgument, OutOfRange)):
-                raise
-            raise Unavailable(f"reference model did not answer: {exc}") from exc
+        ref_logp, ref_tail = reference_at(self.reference, query.sequences, query.ranges, own.indices, should_stop)
         extras = {}
         if query.include_logprobs:
             extras = {"logprobs": own.logprobs, "reference_logprobs": ref_logp}
@@ -239,12 +254,15 @@ class ScoringService:
             if idx is None or idx.dim() != 2 or idx.shape[0] != positions:
                 shape = None if idx is None else list(idx.shape)
                 raise InvalidArgument(f"INDICES needs support.indices of shape [{positions}, m], got {shape}")
-            if idx.shape[1] > limits.max_indices:
-                raise InvalidArgument(f"{idx.shape[1]} indices per position, over the limit {limits.max_indices}")
+            if idx.shape[1] + support.k > limits.max_indices:
+                raise InvalidArgument(
+                    f"INDICES support of {idx.shape[1]} ids + k={support.k} per position, over the limit "
+                    f"{limits.max_indices}"
+                )
             if bool(((idx < -1) | (idx >= vocab)).any()):
                 raise InvalidArgument(f"support.indices must be -1 (padding) or in [0, {vocab})")
-            if support.k == 0 and idx.shape[1] == 0:
-                raise InvalidArgument("INDICES with k=0 needs at least one index per position")
+            if support.k == 0 and not bool((idx >= 0).any(-1).all()):
+                raise InvalidArgument("INDICES with k=0 needs at least one index (not -1) per position")
         elif support.kind == "sampled":
             if not 1 <= support.n <= limits.max_samples:
                 raise InvalidArgument(f"SAMPLED needs 1 <= n <= {limits.max_samples}, got n={support.n}")
