@@ -1,0 +1,163 @@
+"""Distillation runs against the real teacher service and the in-process teacher, resume, and caching."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adpa.tiny_model import make_tiny_model
+from adpa.training.cli import RunArguments, run_adpa_plus, run_distill
+from adpa.training.data import load_records
+from adpa.training.distill_config import DistillConfig
+from adpa.training.teacher import LocalTeacher
+
+ITEMS = "red blue green cat dog fox one two three".split()
+
+
+def make_records(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        items = rng.sample(ITEMS, 3)
+        records.append({
+            "prompt": [{"role": "user", "content": "sort " + " ".join(items)}],
+            "chosen": [{"role": "assistant", "content": " ".join(sorted(items)) + " thanks"}],
+            "rejected": [{"role": "assistant", "content": " ".join(items) + " stupid"}],
+        })
+    return records
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in make_records(16)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def student_path(models_dir) -> Path:
+    return make_tiny_model(models_dir / "student", layers=1, hidden=32, heads=2, seed=5)
+
+
+@pytest.fixture(scope="module")
+def local_teacher(teacher_path, reference_path):
+    return LocalTeacher.from_paths(str(teacher_path), str(reference_path), beta=0.5)
+
+
+def config(out: Path, method: str, **overrides) -> DistillConfig:
+    base = dict(
+        output_dir=str(out), method=method, max_steps=8, per_device_train_batch_size=4, learning_rate=3e-3,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, support_k=8, max_new_tokens=8,
+        disable_tqdm=True,
+    )
+    return DistillConfig(**{**base, **overrides})
+
+
+def losses_of(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def score_requests(server) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics").read().decode()
+    match = re.search(r'adpa_requests_total\{code="OK",method="Score"\} ([0-9.e+]+)', text)
+    return float(match.group(1)) if match else 0.0
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("dckd", {}),
+        ("adpa", {"support": "indices", "student_k": 4, "support_floor": 1e-3}),
+    ],
+)
+def test_remote_and_local_teacher_give_the_same_run(
+    tmp_path, prefs, student_path, teacher_server, local_teacher, method, extra
+):
+    records = load_records(str(prefs))
+    remote = run_distill(str(student_path), config(tmp_path / "remote", method, teacher=teacher_server.endpoint, **extra),
+                         records)
+    local = run_distill(str(student_path), config(tmp_path / "local", method, **extra), records, teacher=local_teacher)
+    remote_losses, local_losses = losses_of(remote), losses_of(local)
+    assert len(remote_losses) == 8
+    assert remote_losses == pytest.approx(local_losses, abs=1e-4)
+    # Training works: the last steps' loss is below the first steps'.
+    assert sum(remote_losses[-3:]) < sum(remote_losses[:3])
+
+
+def test_sample_methods_and_adpa_plus_run_locally(tmp_path, prefs, student_path, local_teacher):
+    records = load_records(str(prefs))
+    for method in ("adpa-no-ref", "adpa-release", "q-argmax", "q-softmax", "vanilla-kd", "dckd-no-rejected"):
+        trainer = run_distill(str(student_path), config(tmp_path / method, method, max_steps=2), records,
+                              teacher=local_teacher)
+        assert all(torch.isfinite(torch.tensor(losses_of(trainer)))), method
+    online = run_distill(str(student_path), config(tmp_path / "online", "adpa", max_steps=3, rollout="online",
+                                                   prefetch=0), records, teacher=local_teacher)
+    assert len(losses_of(online)) == 3
+    plus = run_adpa_plus(RunArguments(model=str(student_path), dataset=str(prefs), plus_dckd_steps=2),
+                         config(tmp_path / "plus", "adpa", max_steps=2), records, teacher=local_teacher)
+    assert (tmp_path / "plus/dckd/model.safetensors").exists()
+    assert plus.model.config._name_or_path.endswith("plus/dckd")
+
+
+def test_offline_adpa_reuses_cached_samples_and_signals(tmp_path, prefs, student_path, teacher_server):
+    records = load_records(str(prefs))
+    overrides = dict(teacher=teacher_server.endpoint, cache_dir=str(tmp_path / "cache"), max_steps=4)
+    before = score_requests(teacher_server)
+    first = run_distill(str(student_path), config(tmp_path / "first", "adpa", **overrides), records)
+    after_first = score_requests(teacher_server)
+    assert after_first - before == 4  # one request per micro-batch
+    second = run_distill(str(student_path), config(tmp_path / "second", "adpa", **overrides), records)
+    assert score_requests(teacher_server) == after_first  # the teacher was not asked again
+    assert losses_of(second) == pytest.approx(losses_of(first), abs=1e-6)
+
+
+def _train_cli(out: Path, student: Path, prefs: Path, teacher: Path, reference: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "adpa.cli", "train", "dckd", "--model", str(student), "--dataset", str(prefs),
+        "--output_dir", str(out), "--teacher", f"local:{teacher}", "--reference", str(reference),
+        "--max_steps", "24", "--per_device_train_batch_size", "2", "--learning_rate", "3e-3", "--save_steps", "4",
+        "--report_to", "none", "--use_cpu", "true", "--support_k", "8", "--seed", "0", "--disable_tqdm", "true",
+        *extra,
+    ]
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, prefs, student_path, teacher_path, reference_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = (student_path, prefs, teacher_path, reference_path)
+    subprocess.run(_train_cli(tmp_path / "full", *args), check=True, env=env, capture_output=True, timeout=600)
+
+    killed = subprocess.Popen(_train_cli(tmp_path / "killed", *args), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "killed/checkpoint-8/trainer_state.json").exists():
+            assert killed.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        killed.send_signal(signal.SIGKILL)
+    finally:
+        killed.kill()
+        killed.wait()
+    checkpoints = sorted((tmp_path / "killed").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    latest = [c for c in checkpoints if (c / "trainer_state.json").exists()][-1]
+    assert int(latest.name.split("-")[1]) < 24
+    subprocess.run(_train_cli(tmp_path / "killed", *args, "--resume_from_checkpoint", str(latest)), check=True,
+                   env=env, capture_output=True, timeout=600)
+
+    full = load_file(tmp_path / "full/model.safetensors")
+    resumed = load_file(tmp_path / "killed/model.safetensors")
+    assert full.keys() == resumed.keys()
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], atol=1e-5, rtol=1e-4)

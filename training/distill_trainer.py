@@ -1,0 +1,310 @@
+"""DistillTrainer: DCKD, ADPA and their variants on `transformers.Trainer`.
+
+Teacher signals come from a `Teacher` (the gRPC client, or the same service in process) and are
+fetched `prefetch` micro-batches ahead on a worker thread, so the RPC overlaps training. The
+loss functions themselves live in `losses.py`; `compute_loss` only runs forwards and calls them.
+
+Micro-batches are planned up front (a seeded shuffle of the records), and the DataLoader hands
+out plan item numbers; that is what lets the prefetcher know what comes next, and what keeps
+resumed runs identical to uninterrupted ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, SequentialSampler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+from adpa.fingerprint import model_fingerprint
+from adpa.services.protocol import SupportSpec
+from adpa.training import losses
+from adpa.training.batch import TeacherSignals, TokenBatch, make_batch
+from adpa.training.data import PreferenceExample
+from adpa.training.distill_config import DistillConfig
+from adpa.training.prefetch import Prefetcher
+from adpa.training.rollout import generate_responses
+from adpa.training.teacher import Teacher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Staged:
+    """A micro-batch's token batches, before the teacher has been asked."""
+
+    chosen: TokenBatch
+    other: TokenBatch  # y_l for pair methods, the student samples y_hat for sample methods
+    indices: torch.Tensor | None = None  # support=indices: (P, m) ids the student asks for
+
+
+@dataclass
+class Prepared:
+    chosen: TokenBatch
+    other: TokenBatch
+    chosen_signals: TeacherSignals | None  # pair methods only
+    other_signals: TeacherSignals
+
+
+class _PlanItems(Dataset):
+    """Item j of the DataLoader is micro-batch j of the plan."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, j: int) -> dict:
+        return {"item": j}
+
+
+def _collate(items: list[dict]) -> dict:
+    return {"item": torch.tensor([it["item"] for it in items])}
+
+
+def plan_batches(num_records: int, batch_size: int, seed: int) -> list[list[int]]:
+    """A seeded shuffle of record indices cut into micro-batches (the last one may be smaller)."""
+    order = list(range(num_records))
+    random.Random(seed).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, num_records, batch_size)]
+
+
+class DistillTrainer(Trainer):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        args: DistillConfig,
+        train_records: list[PreferenceExample],
+        tokenizer: PreTrainedTokenizerBase,
+        teacher: Teacher,
+        **kwargs,
+    ):
+        if not train_records:
+            raise ValueError("no training records")
+        args.remove_unused_columns = False
+        self.records = train_records
+        self.plan = plan_batches(len(train_records), args.per_device_train_batch_size, args.seed)
+        super().__init__(
+            model=model, args=args, train_dataset=_PlanItems(len(self.plan)), data_collator=_collate,
+            processing_class=tokenizer, **kwargs,
+        )
+        self.teacher = teacher
+        self.teacher_info = teacher.check_compatible(tokenizer, model.get_output_embeddings().weight.shape[0])
+        if args.signal == "advantage" and self.teacher_info.role != "teacher":
+            raise ValueError(f"method {args.method} needs advantages: point --teacher at a teacher, not a reference")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._samples: list[list[int]] | None = None
+        self._cache = Path(args.cache_dir) / self._cache_key() if args.cache_dir else None
+        self.prefetcher: Prefetcher | None = None  # made per train() call
+
+    # -- data plumbing ------------------------------------------------------------------------
+
+    def get_train_dataloader(self):
+        # One plan item per DataLoader batch, in plan order (the plan is already shuffled).
+        return self._get_dataloader(
+            self.train_dataset, "training", batch_size=1, sampler_fn=SequentialSampler, is_training=True
+        )
+
+    def _cache_key(self) -> str:
+        a = self.args
+        payload = {
+            "student": model_fingerprint(str(getattr(self.model.config, "_name_or_path", ""))),
+            "teacher": [self.teacher_info.model.model_hash,
+                        self.teacher_info.reference.model_hash if self.teacher_info.reference else None],
+            "beta": self.teacher_info.beta,
+            "records": hashlib.sha256(json.dumps([vars(r) for r in self.records]).encode()).hexdigest(),
+            "plan": self.plan,
+            **{k: getattr(a, k) for k in ("method", "support", "support_k", "student_k", "value_dtype",
+                                          "support_floor", "rollout_greedy", "rollout_temperature",
+                                          "max_new_tokens", "seed")},
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _offline_samples(self) -> list[list[int]]:
+        """Student samples for every record, drawn once from the initial student (and cached)."""
+        if self._samples is None:
+            path = self._cache / "samples.json" if self._cache else None
+            if path is not None and path.exists():
+                self._samples = json.loads(path.read_text())
+                logger.info("reusing %d cached student samples from %s", len(self._samples), path)
+            else:
+                logger.info("sampling %d responses from the initial student", len(self.records))
+                self._samples = generate_responses(
+                    self.model, self.processing_class, [r.prompt for r in self.records],
+                    max_new_tokens=self.args.max_new_tokens, do_sample=not self.args.rollout_greedy,
+                    temperature=self.args.rollout_temperature, seed=self.args.seed,
+                )
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(self._samples))
+        return self._samples
+
+    def _stage(self, j: int) -> Staged:
+        """Runs on the training thread: build the batches of plan item j (sampling needs the model)."""
+        records = [self.records[i] for i in self.plan[j]]
+        prompts = [r.prompt for r in records]
+        chosen = make_batch(prompts, [r.chosen for r in records], self.pad_id)
+        if not self.args.uses_samples:
+            return Staged(chosen, make_batch(prompts, [r.rejected for r in records], self.pad_id))
+        if self.args.rollout == "offline":
+            samples = [self._offline_samples()[i] for i in self.plan[j]]
+        else:
+            samples = generate_responses(
+                self.model, self.processing_class, prompts, max_new_tokens=self.args.max_new_tokens,
+                do_sample=not self.args.rollout_greedy, temperature=self.args.rollout_temperature,
+                seed=self.args.seed * 1_000_003 + j,
+            )
+        # A sample of zero tokens can't be scored; give it the EOS it would have ended with.
+        samples = [s or [self.processing_class.eos_token_id] for s in samples]
+        other = make_batch(prompts, samples, self.pad_id)
+        indices = self._student_indices(other) if self.args.support == "indices" else None
+        return Staged(chosen, other, indices)
+
+    @torch.no_grad()
+    def _student_indices(self, batch: TokenBatch) -> torch.Tensor:
+        """(P, student_k + 1): the student's top-k and the sampled token at each scored position."""
+        device = next(self.model.parameters()).device
+        logits = self.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+        top = logits[batch.mask.to(device)].topk(self.args.student_k, dim=-1).indices.cpu()  # (P, k)
+        return torch.cat([top, batch.targets[batch.mask][:, None]], dim=-1)
+
+    def _support(self, indices: torch.Tensor | None) -> SupportSpec:
+        if self.args.support == "dense":
+            return SupportSpec("dense")
+        if indices is not None:
+            return SupportSpec("indices", k=self.args.support_k, indices=indices)
+        return SupportSpec("topk", k=self.args.support_k)
+
+    def _fetch(self, j: int, staged: Staged) -> Prepared:
+        """Runs on a worker thread: the teacher's signals for plan item j (or the cached ones)."""
+        path = self._cache / f"signals-{j}.pt" if self._cache else None
+        if path is not None and path.exists():
+            cached = torch.load(path, weights_only=False)
+            return Prepared(staged.chosen, staged.other, cached["chosen"], cached["other"])
+        a = self.args
+        include = a.support_floor is not None and a.signal == "advantage"
+        if a.uses_samples:
+            answer = self.teacher.score(
+                staged.other.sequences, staged.other.ranges, signal=a.signal, support=self._support(staged.indices),
+                value_dtype=a.value_dtype, include_logprobs=include,
+            )
+            chosen_signals, other_signals = None, TeacherSignals.from_result(answer, staged.other)
+        else:
+            # y_w and y_l in one request.
+            sequences = staged.chosen.sequences + staged.other.sequences
+            answer = self.teacher.score(
+                sequences, staged.chosen.ranges + staged.other.ranges, signal="logprobs",
+                support=self._support(None), value_dtype=a.value_dtype,
+            )
+            chosen_signals, other_signals = _split_signals(answer, staged.chosen, staged.other)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"chosen": chosen_signals, "other": other_signals}, path)
+        return Prepared(staged.chosen, staged.other, chosen_signals, other_signals)
+
+    # -- the loss -----------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.prefetcher is None:
+            self.prefetcher = Prefetcher(
+                self._stage, self._fetch, limit=len(self.plan), depth=self.args.prefetch,
+                stride=self.accelerator.num_processes,
+            )
+        prepared = self.prefetcher.get(int(inputs["item"][0]))
+        device = next(model.parameters()).device
+        a = self.args
+        chosen = prepared.chosen.to(device)
+        logits = model(input_ids=chosen.input_ids, attention_mask=chosen.attention_mask).logits
+        sft = losses.sft_loss(logits, chosen.targets, chosen.mask, reduction=a.loss_reduction)
+        parts = {"sft": sft}
+        if a.method in ("dckd", "dckd-no-rejected", "vanilla-kd"):
+            parts["kl_chosen"] = _kl(prepared.chosen_signals.to(device), logits, chosen.mask, a.loss_reduction)
+            if a.method == "dckd":
+                other = prepared.other.to(device)
+                other_logits = model(input_ids=other.input_ids, attention_mask=other.attention_mask).logits
+                parts["kl_rejected"] = _kl(prepared.other_signals.to(device), other_logits, other.mask, a.loss_reduction)
+            kl = parts["kl_chosen"] + parts.get("kl_rejected", 0.0)
+            loss = kl if a.method == "vanilla-kd" else a.sft_weight * sft + a.alpha * kl
+        else:
+            other = prepared.other.to(device)
+            sample_logits = model(input_ids=other.input_ids, attention_mask=other.attention_mask).logits
+            term = self._advantage_term(prepared.other_signals.to(device), sample_logits, other.mask)
+            parts["advantage_term"] = term
+            loss = a.sft_weight * sft + term
+        for name, value in parts.items():
+            self._metrics[name].append(float(value.detach()))
+        return (loss, logits) if return_outputs else loss
+
+    def _advantage_term(self, signals: TeacherSignals, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        a, beta = self.args, self.teacher_info.beta
+        red = a.loss_reduction
+        values, tail = signals.values, signals.tail
+        if a.method == "adpa-no-ref":  # teacher log-probs -> A = beta * log pi_dpo
+            values = losses.advantage_without_reference(values, beta)
+            tail = losses.advantage_without_reference(tail, beta) if tail is not None else None
+        if a.support_floor is not None and signals.logprobs is not None:
+            values = losses.support_floor(
+                values, signals.logprobs, signals.reference_logprobs, floor=a.support_floor,
+                penalty=a.floor_penalty, tail=tail,
+            )
+        if signals.indices is None:  # dense
+            if a.method in ("adpa", "adpa-no-ref"):
+                return losses.dense_adpa_loss(values, logits, mask, gamma=a.gamma, reduction=red)
+            full = torch.arange(values.shape[-1], device=values.device).expand_as(values)
+            return self._sparse_term(full, values, None, logits, mask)
+        return self._sparse_term(signals.indices, values, tail, logits, mask)
+
+    def _sparse_term(self, indices, values, tail, logits, mask) -> torch.Tensor:
+        a, red = self.args, self.args.loss_reduction
+        if a.method == "adpa-release":
+            clamped = losses.release_advantage(values / self.teacher_info.beta)
+            return losses.release_adpa_loss(indices, clamped, logits, mask, gamma=a.gamma, reduction=red)
+        if a.method == "q-argmax":
+            return a.gamma * losses.q_argmax_kd_loss(indices, values, logits, mask, reduction=red)
+        if a.method == "q-softmax":
+            return a.gamma * losses.q_softmax_kd_loss(indices, values, logits, mask, reduction=red)
+        return losses.sparse_adpa_loss(indices, values, tail, logits, mask, gamma=a.gamma, reduction=red)
+
+    # -- logging and cleanup --------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:
+            logs.update({name: sum(v) / len(v) for name, v in self._metrics.items() if v})
+            self._metrics.clear()
+        super().log(logs, *args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.prefetcher is not None:
+                self.prefetcher.close()
+                self.prefetcher = None
+
+
+def _kl(signals: TeacherSignals, logits: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    if signals.indices is None:
+        return losses.dense_kl(signals.values, logits, mask, reduction=reduction)
+    return losses.sparse_kl(signals.indices, signals.values, signals.tail, logits, mask, reduction=reduction)
+
+
+def _split_signals(answer, first: TokenBatch, second: TokenBatch) -> tuple[TeacherSignals, TeacherSignals]:
+    """One answer for first + second's sequences -> signals on each batch's grid."""
+    rows = sum(e - s for s, e in first.ranges)
+
+    def part(sl: slice):
+        pick = lambda t: None if t is None else t[sl]  # noqa: E731
+        return replace(answer, indices=pick(answer.indices), values=answer.values[sl], tail=pick(answer.tail),
+                       weights=pick(answer.weights), extras={k: v[sl] for k, v in answer.extras.items()})
+
+    return (TeacherSignals.from_result(part(slice(0, rows)), first),
+            TeacherSignals.from_result(part(slice(rows, None)), second))

@@ -1,0 +1,83 @@
+"""Stage 0 and the student baselines on TRL's trainers: SFT, DPO, SimPO, and SeqKD.
+
+SFT makes the reference teacher pi_ref and the student's starting point; DPO makes the teacher
+pi_dpo (and is the student DPO baseline); SimPO is a baseline; SeqKD is SFT on the teacher's
+greedy generations.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import datasets
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+from adpa.training.data import encode_prompt
+from adpa.training.rollout import generate_responses
+
+logger = logging.getLogger(__name__)
+
+
+def as_sft_records(records: datasets.Dataset) -> datasets.Dataset:
+    """SFT records as TRL reads them; preference records train on their chosen response."""
+    columns = set(records.column_names)
+    if "messages" in columns or {"prompt", "completion"} <= columns:
+        return records
+    if {"prompt", "chosen"} <= columns:
+        return records.map(
+            lambda r: {"prompt": r["prompt"], "completion": r["chosen"]},
+            remove_columns=sorted(columns - {"prompt"}),
+        )
+    raise ValueError(f"SFT needs `messages`, `prompt`+`completion` or `prompt`+`chosen` columns; got {sorted(columns)}")
+
+
+def train_sft(model_path: str, records: datasets.Dataset, args: SFTConfig) -> SFTTrainer:
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=as_sft_records(records), processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(args.output_dir)
+    return trainer
+
+
+def train_dpo(model_path: str, records: datasets.Dataset, args: DPOConfig) -> DPOTrainer:
+    """DPO against a frozen copy of the starting model as pi_ref."""
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=records, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(args.output_dir)
+    return trainer
+
+
+def train_simpo(model_path: str, records: datasets.Dataset, args: CPOConfig) -> CPOTrainer:
+    if args.loss_type != "simpo":
+        raise ValueError(f"SimPO needs loss_type='simpo', got {args.loss_type!r}")
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    trainer = CPOTrainer(model=model, args=args, train_dataset=records, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(args.output_dir)
+    return trainer
+
+
+def teacher_generations(
+    teacher_path: str, records: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 64
+) -> datasets.Dataset:
+    """SeqKD data: the teacher's greedy response to every prompt, as prompt/completion token text."""
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path)
+    prompts = [encode_prompt(tokenizer, r["prompt"]) for r in records]
+    responses = generate_responses(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=False)
+    logger.info("generated %d teacher responses for SeqKD", len(responses))
+    rows = []
+    for record, response in zip(records, responses):
+        text = tokenizer.decode(response, skip_special_tokens=True)
+        completion = [{"role": "assistant", "content": text}] if isinstance(record["prompt"], list) else text
+        rows.append({"prompt": record["prompt"], "completion": completion})
+    return datasets.Dataset.from_list(rows)
+
+
+__all__ = ["CPOConfig", "DPOConfig", "SFTConfig", "as_sft_records", "teacher_generations", "train_dpo",
+           "train_simpo", "train_sft"]
