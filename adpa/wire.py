@@ -42,7 +42,8 @@ def encode(tensor: torch.Tensor, datatype: str | None = None) -> pb.Tensor:
     tensor = tensor.detach().contiguous().cpu()
     if name == "BF16":
         tensor = tensor.view(torch.int16)
-    return pb.Tensor(datatype=name, shape=list(tensor.shape), raw=tensor.numpy().tobytes())
+    raw = tensor.numpy().astype(DATATYPES[name][1], copy=False).tobytes()  # no copy on little-endian hosts
+    return pb.Tensor(datatype=name, shape=list(tensor.shape), raw=raw)
 
 
 def decode(

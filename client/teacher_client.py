@@ -171,6 +171,8 @@ class TeacherClient:
             spec = support
             if support.indices is not None:
                 spec = replace(support, indices=support.indices[row : row + rows])
+            if part > 0 and support.kind == "sampled":  # fresh draws for each part of a split batch
+                spec = replace(spec, seed=(support.seed * 1_000_003 + part) % 2**63)
             row += rows
             query = ScoreQuery(
                 sequences=sequences[lo:hi],
@@ -181,8 +183,15 @@ class TeacherClient:
                 include_logprobs=include_logprobs,
                 request_id=f"{request_id}.{part}",
             )
-            answer = self._call("Score", convert.query_to_pb(query), timeout or self.timeout)
-            results.append(convert.result_from_pb(answer))
+            answer = convert.result_from_pb(self._call("Score", convert.query_to_pb(query), timeout or self.timeout))
+            info = self.info()
+            if answer.model != info.model or (signal == "advantage" and answer.reference != info.reference):
+                raise RuntimeError(
+                    f"the service now runs model {answer.model.model_hash} (reference "
+                    f"{answer.reference.model_hash if answer.reference else '-'}), not the {info.model.model_hash} "
+                    "of the handshake; signals from different model versions must not be mixed"
+                )
+            results.append(answer)
         return results[0] if len(results) == 1 else _concat(results)
 
     # -- internals ----------------------------------------------------------------------------
@@ -252,12 +261,6 @@ def _pad_cat(parts: list[torch.Tensor | None], fill: float) -> torch.Tensor | No
 def _concat(results: list[ScoreResult]) -> ScoreResult:
     """Join the answers of a split batch back into one, padding supports to a common width."""
     first = results[0]
-    for r in results[1:]:
-        if r.model != first.model or r.reference != first.reference:
-            raise RuntimeError(
-                f"parts of one batch were scored by different models ({first.model.model_hash} and "
-                f"{r.model.model_hash}); endpoints behind one client must serve the same model"
-            )
     return ScoreResult(
         signal=first.signal,
         support=first.support,

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from adpa.services.errors import ServiceError
+from adpa.services.errors import ServiceError, Unavailable
 from adpa.services.metrics import ServiceMetrics
 from adpa.services.protocol import ScoreQuery, SupportSpec
 from adpa.services.scoring import ScoringService
@@ -85,6 +85,8 @@ def create_app(
     def score(body: ScoreJSON) -> JSONResponse:
         code = "OK"
         try:
+            if is_draining():
+                raise Unavailable("server is shutting down; retry on another replica")
             with gate.admit():
                 spec = body.support
                 query = ScoreQuery(
@@ -107,6 +109,11 @@ def create_app(
             code = err.code.name
             headers = {"retry-after": str(max(1, err.retry_after_ms // 1000))} if err.retry_after_ms else None
             return JSONResponse({"error": code, "message": err.message}, status_code=err.http_status, headers=headers)
+        except Exception:
+            code = "INTERNAL"
+            logger.exception("internal error in /v1/score")
+            return JSONResponse({"error": code, "message": "internal error; the server log has the details"},
+                                status_code=500)
         finally:
             metrics.requests.labels("http_score", code).inc()
         metrics.positions.labels(result.signal, result.support).inc(query.num_positions)

@@ -97,6 +97,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                     return behavior(request, context)
                 except ServiceError as err:
                     code = err.code.name
+                    logger.info("%s refused (%s): %s", method, code, err.message)
                     if err.retry_after_ms is not None:
                         context.set_trailing_metadata((("grpc-retry-pushback-ms", str(err.retry_after_ms)),))
                     context.abort(err.code, err.message)

@@ -87,6 +87,8 @@ class RemoteReference:
         except grpc.RpcError as err:
             if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise Unavailable(f"reference model unavailable ({err.code().name}): {err.details()}") from None
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise ResourceExhausted(f"reference model busy: {err.details()}", retry_after_ms=1000) from None
             # The teacher built this request: a refusal is this deployment's fault, not the caller's.
             raise Internal(f"reference model refused the teacher's request ({err.code().name}): {err.details()}") from None
         return SupportValues(indices=answer.indices, logprobs=answer.values, log_tail=answer.tail)

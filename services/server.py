@@ -124,6 +124,19 @@ class ScoringServer:
         )
         if self.config.http_port:
             self._start_http()
+        if isinstance(self.service.reference, RemoteReference):
+            threading.Thread(target=self._watch_reference, name="adpa-reference-watch", daemon=True).start()
+
+    def _watch_reference(self, period_s: float = 5.0) -> None:
+        """Keep gRPC health in step with the remote reference (HTTP /readyz asks it directly)."""
+        serving = True
+        while not self.draining.wait(period_s):
+            ready = self.service.ready()
+            if ready != serving:
+                status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+                self.health.set(SERVICE_NAME, status)
+                logger.warning("reference %s", "reachable again" if ready else "unreachable: reporting NOT_SERVING")
+                serving = ready
 
     def _start_http(self) -> None:
         import uvicorn

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -10,11 +11,13 @@ from contextlib import contextmanager
 import grpc
 
 from adpa.services import convert
-from adpa.services.errors import DeadlineExceeded, ResourceExhausted
+from adpa.services.errors import Cancelled, DeadlineExceeded, ResourceExhausted
 from adpa.services.metrics import ServiceMetrics
 from adpa.services.scoring import ScoringService
 from adpa.v1 import scoring_pb2 as pb
 from adpa.v1 import scoring_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
 
 
 class AdmissionGate:
@@ -64,8 +67,20 @@ class ScorerServicer(pb_grpc.ScorerServicer):
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded("the request's deadline passed before scoring started")
-            result = self.service.score(query, should_stop=lambda: not context.is_active())
+            started = time.perf_counter()
+            try:
+                result = self.service.score(query, should_stop=lambda: not context.is_active())
+            except Cancelled:
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded("the request's deadline passed while it was being scored") from None
+                raise
             response = convert.result_to_pb(result, request.request_id, query.value_dtype)
+            logger.debug(
+                "request %s: %d sequences, %d positions, %s/%s, %.1f ms", request.request_id or "-",
+                len(query.sequences), query.num_positions, query.signal, query.support.kind,
+                1000 * (time.perf_counter() - started),
+            )
         size = response.ByteSize()
         if size > self.service.limits.max_message_bytes:
             raise ResourceExhausted(

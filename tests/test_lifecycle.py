@@ -128,3 +128,35 @@ def test_client_fails_over_to_a_live_endpoint(reference_server):
         for _ in range(4):  # round-robin starts on each endpoint in turn
             answer = client.score([[5, 6, 7]], [(0, 3)], support=SupportSpec("topk", k=2))
             assert answer.indices.shape == (3, 2)
+
+
+def test_teacher_reports_a_lost_reference(tmp_path, teacher_path, reference_path):
+    """Reference gone: readiness and gRPC health say so, advantages are UNAVAILABLE, log-probs still work."""
+    import httpx
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    reference = ServiceProcess(["--role", "reference", "--model", str(reference_path)], env=SERVER_ENV,
+                               log_path=tmp_path / "reference.log", http=False).start()
+    teacher = ServiceProcess(["--role", "teacher", "--model", str(teacher_path), "--reference", reference.endpoint],
+                             env=SERVER_ENV, log_path=tmp_path / "teacher.log")
+    try:
+        teacher.start()
+        ready = f"http://127.0.0.1:{teacher.http_port}/readyz"
+        assert httpx.get(ready).status_code == 200
+        reference.stop()
+        assert httpx.get(ready, timeout=10).status_code == 503
+        with grpc.insecure_channel(f"127.0.0.1:{teacher.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 15
+            while health.Check(health_pb2.HealthCheckRequest(service="adpa.v1.Scorer")).status != \
+                    health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, "gRPC health never reported the lost reference"
+                time.sleep(0.5)
+        with TeacherClient(teacher.endpoint, max_retries=1, backoff_s=0.01) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.score([[5, 6, 7]], [(0, 3)], signal="advantage", support=SupportSpec("topk", k=2))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "reference" in err.value.details()
+            assert client.score([[5, 6, 7]], [(0, 3)], support=SupportSpec("topk", k=2)).indices.shape == (3, 2)
+    finally:
+        teacher.stop()
+        reference.stop()
