@@ -6,7 +6,8 @@
     adpa info grpc://127.0.0.1:50051
     adpa train dckd --model runs/student --dataset prefs.jsonl --teacher grpc://127.0.0.1:50051 --output_dir runs/dckd
     adpa eval --model runs/dckd --prompts test.jsonl --reward mypkg.rewards:score
-    adpa demo
+    adpa demo --seeds 3
+    adpa quickstart
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -55,10 +57,34 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _quickstart(args: argparse.Namespace) -> int:
     from adpa.quickstart import run_quickstart
 
     return run_quickstart(args.workdir)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import logging
+
+    from pydantic import ValidationError
+
+    from adpa.demo.config import DemoConfig
+    from adpa.demo.pipeline import DemoRun, write_results
+    from adpa.demo.report import markdown_table
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "datasets", "trl", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        config = DemoConfig.load(args.config)
+    except (ValidationError, OSError) as err:
+        print(f"adpa demo: invalid config:\n{err}", file=sys.stderr)
+        return 2
+    results = DemoRun(config, args.workdir).run(seeds=args.seeds)
+    write_results(results, Path(args.workdir))
+    print(markdown_table(results))
+    print(f"results in {args.workdir}/results.json, results.md, results.png ({results['seconds']:.0f}s)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,12 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="start a tiny teacher and reference as services and query them",
+        help="the whole pipeline on the built-in preference world, through the real services",
+        description="Build the built-in preference world, train the SFT and DPO teachers and the SFT student, "
+        "start `adpa serve` for the reference and the teacher, train every student method with signals over gRPC, "
+        "score all models with the ground-truth reward, and write results.json / results.md / results.png.",
+    )
+    demo.add_argument("--config", help="YAML file (default: the built-in adpa/demo/default.yaml)")
+    demo.add_argument("--seeds", type=int, help="training seeds per method (default: the config's)")
+    demo.add_argument("--workdir", default="runs/demo", help="where data, models and results go (default: %(default)s)")
+    demo.set_defaults(func=_demo)
+
+    quick = commands.add_parser(
+        "quickstart",
+        help="start a tiny teacher and reference as services and query them (about 20 s)",
         description="Build tiny models, start `adpa serve` for a reference and a teacher on free loopback ports, "
         "fetch log-probs and advantages with the Python client, print them, and stop the services.",
     )
-    demo.add_argument("--workdir", default="runs/quickstart", help="where models are written (default: %(default)s)")
-    demo.set_defaults(func=_demo)
+    quick.add_argument("--workdir", default="runs/quickstart", help="where models are written (default: %(default)s)")
+    quick.set_defaults(func=_quickstart)
     return parser
 
 

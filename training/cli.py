@@ -112,7 +112,7 @@ def _load(run: RunArguments):
     return records
 
 
-def run_distill(model_path: str, config: DistillConfig, records, teacher=None):
+def run_distill(model_path: str, config: DistillConfig, records, teacher=None, *, silent: bool = False):
     """Train `model_path` with a distillation config; returns the trainer (model saved to output_dir)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -127,20 +127,24 @@ def run_distill(model_path: str, config: DistillConfig, records, teacher=None):
         config.teacher, reference=config.reference, beta=config.beta, token=config.teacher_token
     )
     trainer = DistillTrainer(model, config, examples, tokenizer, teacher)
+    if silent:
+        from adpa.training.stage0 import quiet
+
+        quiet(trainer)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
     return trainer
 
 
-def run_adpa_plus(run: RunArguments, config: DistillConfig, records, teacher=None):
+def run_adpa_plus(run: RunArguments, config: DistillConfig, records, teacher=None, *, silent: bool = False):
     """ADPA+: DCKD into OUTPUT/dckd, then ADPA from that checkpoint into OUTPUT."""
     dckd = dataclasses.replace(
         config, method="dckd", output_dir=f"{config.output_dir}/dckd",
         max_steps=run.plus_dckd_steps if run.plus_dckd_steps is not None else config.max_steps,
         support="topk" if config.support == "indices" else config.support, resume_from_checkpoint=None,
     )
-    run_distill(run.model, dckd, records, teacher)
-    return run_distill(dckd.output_dir, config, records, teacher)
+    run_distill(run.model, dckd, records, teacher, silent=silent)
+    return run_distill(dckd.output_dir, config, records, teacher, silent=silent)
 
 
 def eval_main(argv: list[str]) -> int:

@@ -101,6 +101,11 @@ class DistillTrainer(Trainer):
         if args.signal == "advantage" and self.teacher_info.role != "teacher":
             raise ValueError(f"method {args.method} needs advantages: point --teacher at a teacher, not a reference")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        vocab, max_k = self.teacher_info.model.vocab_size, self.teacher_info.limits.max_k
+        if args.support_k > min(vocab, max_k) or args.student_k > vocab:
+            logger.warning("support_k=%d / student_k=%d exceed the vocabulary (%d) or the teacher's max_k (%d); "
+                           "clamping", args.support_k, args.student_k, vocab, max_k)
+            args.support_k, args.student_k = min(args.support_k, vocab, max_k), min(args.student_k, vocab)
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._samples: list[list[int]] | None = None
         self._cache = Path(args.cache_dir) / self._cache_key() if args.cache_dir else None

@@ -94,13 +94,15 @@ def evaluate(
     baselines: dict[str, EvalResult] | None = None,
     max_new_tokens: int = 64,
     seed: int = 0,
+    modes: Sequence[str] = tuple(MODES),
 ) -> EvalResult:
     """Mean reward of `model_path`'s greedy and sampled responses, and win rates against baselines."""
     model = AutoModelForCausalLM.from_pretrained(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
-    modes = {}
-    for mode, do_sample in MODES.items():
+    by_mode = {}
+    for mode in modes:
+        do_sample = MODES[mode]
         ids = generate_responses(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                  seed=seed)
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
@@ -113,8 +115,8 @@ def evaluate(
         )
         for name, base in (baselines or {}).items():
             result.win_rate[name] = win_rate(rewards, base.modes[mode].rewards)
-        modes[mode] = result
-    return EvalResult(model=model_path, num_prompts=len(prompts), modes=modes)
+        by_mode[mode] = result
+    return EvalResult(model=model_path, num_prompts=len(prompts), modes=by_mode)
 
 
 def format_table(results: dict[str, EvalResult]) -> str:

@@ -11,6 +11,7 @@ import logging
 
 import datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 
@@ -18,6 +19,13 @@ from adpa.training.data import encode_prompt
 from adpa.training.rollout import generate_responses
 
 logger = logging.getLogger(__name__)
+
+
+def quiet(trainer):
+    """Drop the per-step log printer and progress bar (for pipelines that show their own progress)."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
 
 
 def as_sft_records(records: datasets.Dataset) -> datasets.Dataset:
@@ -33,31 +41,37 @@ def as_sft_records(records: datasets.Dataset) -> datasets.Dataset:
     raise ValueError(f"SFT needs `messages`, `prompt`+`completion` or `prompt`+`chosen` columns; got {sorted(columns)}")
 
 
-def train_sft(model_path: str, records: datasets.Dataset, args: SFTConfig) -> SFTTrainer:
+def train_sft(model_path: str, records: datasets.Dataset, args: SFTConfig, *, silent: bool = False) -> SFTTrainer:
     model = AutoModelForCausalLM.from_pretrained(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     trainer = SFTTrainer(model=model, args=args, train_dataset=as_sft_records(records), processing_class=tokenizer)
+    if silent:
+        quiet(trainer)
     trainer.train()
     trainer.save_model(args.output_dir)
     return trainer
 
 
-def train_dpo(model_path: str, records: datasets.Dataset, args: DPOConfig) -> DPOTrainer:
+def train_dpo(model_path: str, records: datasets.Dataset, args: DPOConfig, *, silent: bool = False) -> DPOTrainer:
     """DPO against a frozen copy of the starting model as pi_ref."""
     model = AutoModelForCausalLM.from_pretrained(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     trainer = DPOTrainer(model=model, args=args, train_dataset=records, processing_class=tokenizer)
+    if silent:
+        quiet(trainer)
     trainer.train()
     trainer.save_model(args.output_dir)
     return trainer
 
 
-def train_simpo(model_path: str, records: datasets.Dataset, args: CPOConfig) -> CPOTrainer:
+def train_simpo(model_path: str, records: datasets.Dataset, args: CPOConfig, *, silent: bool = False) -> CPOTrainer:
     if args.loss_type != "simpo":
         raise ValueError(f"SimPO needs loss_type='simpo', got {args.loss_type!r}")
     model = AutoModelForCausalLM.from_pretrained(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     trainer = CPOTrainer(model=model, args=args, train_dataset=records, processing_class=tokenizer)
+    if silent:
+        quiet(trainer)
     trainer.train()
     trainer.save_model(args.output_dir)
     return trainer

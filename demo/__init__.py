@@ -1,0 +1,1 @@
+"""The built-in demo: a small preference world and the whole pipeline on it."""

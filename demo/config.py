@@ -1,0 +1,63 @@
+"""DemoConfig: the built-in world, the model shapes, and the training budget of every method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from adpa.demo.world import WorldConfig
+
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+
+
+class Shape(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layers: int
+    hidden: int
+    heads: int
+
+
+class Stage(BaseModel):
+    """One stage-0 training (fixed hyperparameters: these make the world, they are not compared)."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int
+    lr: float
+    batch_size: int = 32
+    options: dict[str, Any] = Field(default_factory=dict, description="extra fields of the TRL config")
+
+
+class Method(BaseModel):
+    """A student method: an `adpa train` method name, its learning rates to try, and fixed options."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    lrs: list[float] = Field(description="candidates, chosen on the validation split (same budget for every method)")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra fields of the method's config")
+    teacher: str = Field("teacher", description="which service gives the signals: teacher or reference")
+
+
+class DemoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    world: WorldConfig = WorldConfig()
+    teacher: Shape = Shape(layers=2, hidden=96, heads=4)
+    student: Shape = Shape(layers=1, hidden=32, heads=2)
+    teacher_sft: Stage = Stage(steps=600, lr=3e-3)
+    teacher_dpo: Stage = Stage(steps=200, lr=5e-5, options={"beta": 0.1})
+    student_sft: Stage = Stage(steps=400, lr=1e-2)
+    beta: float = Field(0.1, description="advantage scale served by the teacher")
+    steps: int = Field(200, description="training steps of every student method (ADPA+ splits them in two)")
+    batch_size: int = Field(16, description="preference records per student step")
+    max_new_tokens: int = Field(12, description="longest generated response")
+    seeds: int = Field(1, description="training seeds per method for the final table")
+    methods: dict[str, Method] = Field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> DemoConfig:
+        data = yaml.safe_load(Path(path or DEFAULT_CONFIG).read_text()) or {}
+        for key, value in (overrides or {}).items():
+            data[key] = value
+        return cls.model_validate(data)

@@ -1,0 +1,234 @@
+"""The whole pipeline on the built-in world, through the real services:
+
+    world data -> SFT teacher (pi_ref) -> DPO teacher (pi_dpo) -> SFT student
+    -> `adpa serve` reference + teacher on loopback -> every student method, signals over gRPC
+    -> ground-truth reward on held-out prompts -> results.json / results.md / results.png
+
+Learning rates are chosen per method on the validation split (the same candidates budget for
+each), with seed 0; the chosen setting is then trained with every seed and scored on the test
+split, which nothing else ever reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import datasets
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from adpa.demo.config import DemoConfig, Method, Stage
+from adpa.demo.world import WORDS, World, reward_texts
+from adpa.services.launch import ServiceProcess
+from adpa.tiny_model import make_tiny_model
+from adpa.training.evaluate import EvalResult, evaluate, win_rate
+
+logger = logging.getLogger(__name__)
+
+# Stage-0 and baselines train with one thread; the services get the other core.
+SERVICE_ENV = {"ADPA_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _common_args(out: Path, steps: int, lr: float, batch_size: int, seed: int) -> dict:
+    return dict(
+        output_dir=str(out), max_steps=steps, learning_rate=lr, per_device_train_batch_size=batch_size,
+        logging_steps=max(1, steps // 20), save_strategy="no", report_to=[], use_cpu=True, seed=seed,
+        disable_tqdm=True, lr_scheduler_type="constant_with_warmup", warmup_steps=min(10, steps // 10),
+    )
+
+
+def _stage0(kind: str, model: str, records: datasets.Dataset, out: Path, stage: Stage, seed: int = 0):
+    from adpa.training import stage0
+
+    args = {**_common_args(out, stage.steps, stage.lr, stage.batch_size, seed), **stage.options}
+    if kind == "sft":
+        return stage0.train_sft(model, records, stage0.SFTConfig(**args), silent=True)
+    if kind == "dpo":
+        return stage0.train_dpo(model, records, stage0.DPOConfig(**args), silent=True)
+    if kind == "simpo":
+        return stage0.train_simpo(
+            model, records, stage0.CPOConfig(**{"loss_type": "simpo", "cpo_alpha": 0.0, **args}), silent=True
+        )
+    raise ValueError(kind)
+
+
+class DemoRun:
+    def __init__(self, config: DemoConfig, workdir: str | Path):
+        self.config = config
+        self.workdir = Path(workdir)
+        self.models = self.workdir / "models"
+        self.curves: dict[str, list[tuple[int, float]]] = {}
+        self._seqkd_records: datasets.Dataset | None = None
+
+    # -- the world and stage 0 ------------------------------------------------------------------
+
+    def build(self) -> None:
+        c = self.config
+        self.paths = World(c.world).write(self.workdir / "data")
+        self.data = {name: datasets.load_dataset("json", data_files=str(p), split="train")
+                     for name, p in self.paths.items()}
+        teacher_base = make_tiny_model(self.models / "teacher-base", layers=c.teacher.layers, hidden=c.teacher.hidden,
+                                       heads=c.teacher.heads, seed=c.world.seed, init_std=0.02, words=WORDS)
+        self.student_base = make_tiny_model(self.models / "student-base", layers=c.student.layers,
+                                            hidden=c.student.hidden, heads=c.student.heads, seed=c.world.seed + 1,
+                                            init_std=0.02, words=WORDS)
+        self.reference = self.models / "reference"
+        self.teacher = self.models / "teacher"
+        self.student_sft = self.models / "student-sft"
+        steps = [
+            ("teacher SFT (pi_ref)", "sft", teacher_base, "sft", self.reference, c.teacher_sft),
+            ("teacher DPO (pi_dpo)", "dpo", self.reference, "pairs", self.teacher, c.teacher_dpo),
+            ("student SFT", "sft", self.student_base, "sft", self.student_sft, c.student_sft),
+        ]
+        for label, kind, model, split, out, stage in tqdm(steps, desc="stage 0", unit="model"):
+            started = time.perf_counter()
+            trainer = _stage0(kind, str(model), self.data[split], out, stage)
+            self.curves[label] = _curve(trainer)
+            logger.info("%s: %d steps in %.0fs", label, stage.steps, time.perf_counter() - started)
+
+    # -- student methods --------------------------------------------------------------------------
+
+    def train_method(self, name: str, method: Method, lr: float, seed: int, endpoints: dict[str, str]) -> Path:
+        c = self.config
+        out = self.models / "students" / f"{_slug(name)}-lr{lr:g}-seed{seed}"
+        pairs = self.data["pairs"]
+        if method.method in ("dpo", "simpo"):
+            stage = Stage(steps=c.steps, lr=lr, batch_size=c.batch_size, options=method.options)
+            trainer = _stage0(method.method, str(self.student_sft), pairs, out, stage, seed)
+        elif method.method == "seqkd":
+            stage = Stage(steps=c.steps, lr=lr, batch_size=c.batch_size, options=method.options)
+            trainer = _stage0("sft", str(self.student_sft), self._seqkd_data(), out, stage, seed)
+        else:
+            from adpa.training.cli import RunArguments, run_adpa_plus, run_distill
+            from adpa.training.distill_config import DistillConfig
+
+            plus = method.method == "adpa-plus"
+            steps = c.steps // 2 if plus else c.steps
+            config = DistillConfig(
+                **_common_args(out, steps, lr, c.batch_size, seed),
+                method="adpa" if plus else method.method, teacher=endpoints[method.teacher],
+                max_new_tokens=c.max_new_tokens, **method.options,
+            )
+            if plus:
+                run = RunArguments(model=str(self.student_sft), dataset=str(self.paths["pairs"]),
+                                   plus_dckd_steps=c.steps - steps)
+                trainer = run_adpa_plus(run, config, pairs, silent=True)
+            else:
+                trainer = run_distill(str(self.student_sft), config, pairs, silent=True)
+        self.curves[f"{name} (lr {lr:g}, seed {seed})"] = _curve(trainer)
+        return out
+
+    def _seqkd_data(self) -> datasets.Dataset:
+        if self._seqkd_records is None:
+            from adpa.training.stage0 import teacher_generations
+
+            tokenizer = AutoTokenizer.from_pretrained(self.teacher)
+            self._seqkd_records = teacher_generations(str(self.teacher), self.data["pairs"], tokenizer,
+                                                      max_new_tokens=self.config.max_new_tokens)
+        return self._seqkd_records
+
+    def evaluate(self, model: Path, split: str, modes=("greedy", "sampled"), seed: int = 0) -> EvalResult:
+        weights = self.config.world.reward
+        return evaluate(str(model), self.data[split]["prompt"], lambda p, r: reward_texts(p, r, weights),
+                        max_new_tokens=self.config.max_new_tokens, seed=seed, modes=modes)
+
+    # -- the whole run ----------------------------------------------------------------------------
+
+    def run(self, seeds: int | None = None) -> dict:
+        seeds = seeds or self.config.seeds
+        started = time.perf_counter()
+        self.build()
+        log = self.workdir / "logs"
+        log.mkdir(parents=True, exist_ok=True)
+        ref_args = ["--role", "reference", "--model", str(self.reference)]
+        with ServiceProcess(ref_args, env=SERVICE_ENV, log_path=log / "reference.log") as reference:
+            teacher_args = ["--role", "teacher", "--model", str(self.teacher), "--reference", reference.endpoint,
+                            "--beta", str(self.config.beta)]
+            with ServiceProcess(teacher_args, env=SERVICE_ENV, log_path=log / "teacher.log") as teacher:
+                logger.info("services up: reference %s, teacher %s", reference.endpoint, teacher.endpoint)
+                endpoints = {"teacher": teacher.endpoint, "reference": reference.endpoint}
+                trained = self._train_all(seeds, endpoints)
+        results = self._score_all(trained, seeds)
+        results["seconds"] = round(time.perf_counter() - started, 1)
+        return results
+
+    def _train_all(self, seeds: int, endpoints: dict[str, str]) -> dict[str, dict]:
+        trained: dict[str, dict] = {}
+        methods = self.config.methods
+        jobs = sum(len(m.lrs) + seeds - 1 for m in methods.values())
+        with tqdm(total=jobs, desc="student methods", unit="run") as bar:
+            for name, method in methods.items():
+                tuning = {}
+                for lr in method.lrs:
+                    bar.set_postfix_str(f"{name} lr={lr:g}")
+                    model = self.train_method(name, method, lr, 0, endpoints)
+                    tuning[lr] = (model, self.evaluate(model, "validation", modes=("greedy",)).modes["greedy"].mean_reward)
+                    bar.update()
+                best = max(tuning, key=lambda lr: tuning[lr][1])
+                runs = [tuning[best][0]]
+                for seed in range(1, seeds):
+                    bar.set_postfix_str(f"{name} seed={seed}")
+                    runs.append(self.train_method(name, method, best, seed, endpoints))
+                    bar.update()
+                trained[name] = {"lr": best, "validation": {str(k): v[1] for k, v in tuning.items()}, "models": runs}
+                logger.info("%s: lr %g chosen on validation (%s)", name, best,
+                            ", ".join(f"{k:g}: {v[1]:.3f}" for k, v in tuning.items()))
+        return trained
+
+    def _score_all(self, trained: dict[str, dict], seeds: int) -> dict:
+        rows = {
+            "Teacher (DPO)": {"models": [self.teacher]},
+            "Teacher SFT (reference)": {"models": [self.reference]},
+            "Student (untrained)": {"models": [self.student_base]},
+            "SFT": {"models": [self.student_sft]},
+            **trained,
+        }
+        evals: dict[str, list[EvalResult]] = {}
+        for name, row in tqdm(rows.items(), desc="evaluating on test", unit="method"):
+            evals[name] = [self.evaluate(m, "test", seed=i) for i, m in enumerate(row["models"])]
+        table = {}
+        for name, row in rows.items():
+            entry = {k: v for k, v in row.items() if k != "models"}
+            entry["models"] = [str(m) for m in row["models"]]
+            for mode in ("greedy", "sampled"):
+                means = [e.modes[mode].mean_reward for e in evals[name]]
+                entry[f"reward_{mode}"] = _mean_std(means)
+                for baseline in ("ADPA", "SFT"):
+                    if baseline in evals:
+                        rates = [win_rate(e.modes[mode].rewards, evals[baseline][i % len(evals[baseline])].modes[mode].rewards)
+                                 for i, e in enumerate(evals[name])]
+                        entry[f"win_rate_vs_{baseline}_{mode}"] = _mean_std(rates)
+            entry["examples"] = [
+                {"prompt": p[-1]["content"], "greedy": r}
+                for p, r in list(zip(self.data["test"]["prompt"], evals[name][0].modes["greedy"].responses))[:3]
+            ]
+            table[name] = entry
+        return {"config": self.config.model_dump(), "seeds": seeds, "methods": table, "curves": self.curves}
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def _curve(trainer) -> list[tuple[int, float]]:
+    return [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
+
+
+def write_results(results: dict, out: Path) -> None:
+    """results.json, results.md and results.png in `out`."""
+    from adpa.demo.report import markdown_table, plot
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / "results.md").write_text(markdown_table(results))
+    plot(results, out / "results.png")
+

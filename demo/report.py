@@ -1,0 +1,69 @@
+"""The demo's results as the paper's tables (markdown) and a plot (PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FIXED_ROWS = ("Teacher (DPO)", "Teacher SFT (reference)", "Student (untrained)", "SFT")
+
+
+def _cell(stat: dict | None, digits: int = 3) -> str:
+    if not stat:
+        return "-"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}" if stat["n"] > 1 else f"{stat['mean']:.{digits}f}"
+
+
+def markdown_table(results: dict) -> str:
+    """Table 1 / Table 2 style: mean reward (greedy, sampled) and win rates vs ADPA and vs SFT."""
+    seeds = results["seeds"]
+    lines = [
+        f"Ground-truth reward on {results['config']['world']['num_test']} held-out prompts, "
+        f"{seeds} seed(s) per student method (mean ± std over seeds); win rates per prompt, ties count 1/2.",
+        "",
+        "| method | lr | reward (greedy) | reward (sampled) | WR vs ADPA (greedy) | WR vs ADPA (sampled) "
+        "| WR vs SFT (greedy) | WR vs SFT (sampled) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in results["methods"].items():
+        lr = f"{row['lr']:g}" if "lr" in row else "-"
+        cells = [name, lr, _cell(row.get("reward_greedy")), _cell(row.get("reward_sampled"))]
+        cells += [_cell(row.get(f"win_rate_vs_{b}_{m}"), 2) for b in ("ADPA", "SFT") for m in ("greedy", "sampled")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Example greedy responses (first test prompts):", ""]
+    for name, row in results["methods"].items():
+        shown = "; ".join(f"`{e['prompt']}` → `{e['greedy']}`" for e in row.get("examples", [])[:2])
+        lines.append(f"- {name}: {shown}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Bars of mean reward per method (greedy and sampled, with std over seeds), and loss curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["methods"])
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(16, 6), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.4
+    for offset, mode in ((-width / 2, "greedy"), (width / 2, "sampled")):
+        stats = [results["methods"][n][f"reward_{mode}"] for n in names]
+        bars.bar([i + offset for i in range(len(names))], [s["mean"] for s in stats], width,
+                 yerr=[s["std"] for s in stats], capsize=3, label=mode)
+    bars.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    bars.set_ylabel("ground-truth reward (test)")
+    bars.axhline(0, color="black", linewidth=0.5)
+    bars.legend()
+    bars.set_title("mean reward per method")
+    for label, points in results["curves"].items():
+        if "seed 0" in label or label.startswith(("teacher", "student SFT")):
+            if points:
+                steps, losses = zip(*points)
+                curves.plot(steps, losses, label=label, linewidth=1)
+    curves.set_xlabel("step")
+    curves.set_ylabel("training loss")
+    curves.set_title("training curves")
+    curves.legend(fontsize=5, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
