@@ -75,6 +75,11 @@ def _demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "datasets", "trl", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()  # the pipeline shows its own progress
+    transformers.utils.logging.disable_progress_bar()
     try:
         config = DemoConfig.load(args.config)
     except (ValidationError, OSError) as err:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,13 +32,20 @@ class Stage(BaseModel):
 
 
 class Method(BaseModel):
-    """A student method: an `adpa train` method name, its learning rates to try, and fixed options."""
+    """A student method: an `adpa train` method name, the settings to try, and fixed options."""
 
     model_config = ConfigDict(extra="forbid")
     method: str
-    lrs: list[float] = Field(description="candidates, chosen on the validation split (same budget for every method)")
-    options: dict[str, Any] = Field(default_factory=dict, description="extra fields of the method's config")
-    teacher: str = Field("teacher", description="which service gives the signals: teacher or reference")
+    grid: dict[str, list[Any]] = Field(
+        description="config fields -> candidate values; every combination is trained and the best on the "
+        "validation split is kept (give every method the same number of combinations)"
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="fixed fields of the method's config")
+    teacher: Literal["teacher", "reference"] = Field("teacher", description="which service gives the signals")
+
+    def candidates(self) -> list[dict[str, Any]]:
+        keys = list(self.grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
 
 
 class DemoConfig(BaseModel):

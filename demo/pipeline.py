@@ -92,16 +92,19 @@ class DemoRun:
 
     # -- student methods --------------------------------------------------------------------------
 
-    def train_method(self, name: str, method: Method, lr: float, seed: int, endpoints: dict[str, str]) -> Path:
+    def train_method(self, name: str, method: Method, setting: dict, seed: int, endpoints: dict[str, str]) -> Path:
+        """Train one student with `method`, its fixed options and one `setting` of its grid."""
         c = self.config
-        out = self.models / "students" / f"{_slug(name)}-lr{lr:g}-seed{seed}"
+        tag = "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in setting.items())
+        out = self.models / "students" / _slug(name) / f"{tag}-seed{seed}"
+        options = {**method.options, **setting}
+        lr = options.pop("learning_rate")
         pairs = self.data["pairs"]
-        if method.method in ("dpo", "simpo"):
-            stage = Stage(steps=c.steps, lr=lr, batch_size=c.batch_size, options=method.options)
-            trainer = _stage0(method.method, str(self.student_sft), pairs, out, stage, seed)
-        elif method.method == "seqkd":
-            stage = Stage(steps=c.steps, lr=lr, batch_size=c.batch_size, options=method.options)
-            trainer = _stage0("sft", str(self.student_sft), self._seqkd_data(), out, stage, seed)
+        if method.method in ("dpo", "simpo", "seqkd"):
+            stage = Stage(steps=c.steps, lr=lr, batch_size=c.batch_size, options=options)
+            data = self._seqkd_data() if method.method == "seqkd" else pairs
+            trainer = _stage0("sft" if method.method == "seqkd" else method.method, str(self.student_sft), data, out,
+                              stage, seed)
         else:
             from adpa.training.cli import RunArguments, run_adpa_plus, run_distill
             from adpa.training.distill_config import DistillConfig
@@ -111,15 +114,15 @@ class DemoRun:
             config = DistillConfig(
                 **_common_args(out, steps, lr, c.batch_size, seed),
                 method="adpa" if plus else method.method, teacher=endpoints[method.teacher],
-                max_new_tokens=c.max_new_tokens, **method.options,
+                max_new_tokens=c.max_new_tokens, **options,
             )
-            if plus:
+            if plus:  # as many steps in all as ADPA alone: half DCKD, half ADPA
                 run = RunArguments(model=str(self.student_sft), dataset=str(self.paths["pairs"]),
                                    plus_dckd_steps=c.steps - steps)
                 trainer = run_adpa_plus(run, config, pairs, silent=True)
             else:
                 trainer = run_distill(str(self.student_sft), config, pairs, silent=True)
-        self.curves[f"{name} (lr {lr:g}, seed {seed})"] = _curve(trainer)
+        self.curves[f"{name} ({tag}, seed {seed})"] = _curve(trainer)
         return out
 
     def _seqkd_data(self) -> datasets.Dataset:
@@ -159,24 +162,26 @@ class DemoRun:
     def _train_all(self, seeds: int, endpoints: dict[str, str]) -> dict[str, dict]:
         trained: dict[str, dict] = {}
         methods = self.config.methods
-        jobs = sum(len(m.lrs) + seeds - 1 for m in methods.values())
+        jobs = sum(len(m.candidates()) + seeds - 1 for m in methods.values())
         with tqdm(total=jobs, desc="student methods", unit="run") as bar:
             for name, method in methods.items():
-                tuning = {}
-                for lr in method.lrs:
-                    bar.set_postfix_str(f"{name} lr={lr:g}")
-                    model = self.train_method(name, method, lr, 0, endpoints)
-                    tuning[lr] = (model, self.evaluate(model, "validation", modes=("greedy",)).modes["greedy"].mean_reward)
+                tuning = []
+                for setting in method.candidates():
+                    bar.set_postfix_str(f"{name} {setting}")
+                    model = self.train_method(name, method, setting, 0, endpoints)
+                    score = self.evaluate(model, "validation", modes=("greedy",)).modes["greedy"].mean_reward
+                    tuning.append((setting, model, score))
                     bar.update()
-                best = max(tuning, key=lambda lr: tuning[lr][1])
-                runs = [tuning[best][0]]
+                best, best_model, _ = max(tuning, key=lambda t: t[2])
+                runs = [best_model]
                 for seed in range(1, seeds):
                     bar.set_postfix_str(f"{name} seed={seed}")
                     runs.append(self.train_method(name, method, best, seed, endpoints))
                     bar.update()
-                trained[name] = {"lr": best, "validation": {str(k): v[1] for k, v in tuning.items()}, "models": runs}
-                logger.info("%s: lr %g chosen on validation (%s)", name, best,
-                            ", ".join(f"{k:g}: {v[1]:.3f}" for k, v in tuning.items()))
+                trained[name] = {"setting": best, "validation": [{**t[0], "reward": t[2]} for t in tuning],
+                                 "models": runs}
+                logger.info("%s: %s chosen on validation (%s)", name, best,
+                            "; ".join(f"{t[0]}: {t[2]:.3f}" for t in tuning))
         return trained
 
     def _score_all(self, trained: dict[str, dict], seeds: int) -> dict:
@@ -220,7 +225,9 @@ def _curve(trainer) -> list[tuple[int, float]]:
 
 
 def _slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
+    """A folder name for a method ("ADPA+" and "ADPA" must not collide)."""
+    name = name.lower().replace("+", " plus")
+    return "-".join("".join(ch if ch.isalnum() else " " for ch in name).split())
 
 
 def write_results(results: dict, out: Path) -> None:

@@ -20,13 +20,13 @@ def markdown_table(results: dict) -> str:
         f"Ground-truth reward on {results['config']['world']['num_test']} held-out prompts, "
         f"{seeds} seed(s) per student method (mean ± std over seeds); win rates per prompt, ties count 1/2.",
         "",
-        "| method | lr | reward (greedy) | reward (sampled) | WR vs ADPA (greedy) | WR vs ADPA (sampled) "
+        "| method | setting | reward (greedy) | reward (sampled) | WR vs ADPA (greedy) | WR vs ADPA (sampled) "
         "| WR vs SFT (greedy) | WR vs SFT (sampled) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results["methods"].items():
-        lr = f"{row['lr']:g}" if "lr" in row else "-"
-        cells = [name, lr, _cell(row.get("reward_greedy")), _cell(row.get("reward_sampled"))]
+        setting = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.get("setting", {}).items())
+        cells = [name, setting or "-", _cell(row.get("reward_greedy")), _cell(row.get("reward_sampled"))]
         cells += [_cell(row.get(f"win_rate_vs_{b}_{m}"), 2) for b in ("ADPA", "SFT") for m in ("greedy", "sampled")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Example greedy responses (first test prompts):", ""]
