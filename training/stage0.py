@@ -41,40 +41,31 @@ def as_sft_records(records: datasets.Dataset) -> datasets.Dataset:
     raise ValueError(f"SFT needs `messages`, `prompt`+`completion` or `prompt`+`chosen` columns; got {sorted(columns)}")
 
 
-def train_sft(model_path: str, records: datasets.Dataset, args: SFTConfig, *, silent: bool = False) -> SFTTrainer:
+def _fit(trainer_cls, model_path: str, records: datasets.Dataset, args, silent: bool):
+    """Load the model and tokenizer, train with a TRL trainer, save to args.output_dir."""
     model = AutoModelForCausalLM.from_pretrained(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=as_sft_records(records), processing_class=tokenizer)
+    trainer = trainer_cls(model=model, args=args, train_dataset=records, processing_class=tokenizer)
     if silent:
         quiet(trainer)
     trainer.train()
     trainer.save_model(args.output_dir)
     return trainer
+
+
+def train_sft(model_path: str, records: datasets.Dataset, args: SFTConfig, *, silent: bool = False) -> SFTTrainer:
+    return _fit(SFTTrainer, model_path, as_sft_records(records), args, silent)
 
 
 def train_dpo(model_path: str, records: datasets.Dataset, args: DPOConfig, *, silent: bool = False) -> DPOTrainer:
     """DPO against a frozen copy of the starting model as pi_ref."""
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=records, processing_class=tokenizer)
-    if silent:
-        quiet(trainer)
-    trainer.train()
-    trainer.save_model(args.output_dir)
-    return trainer
+    return _fit(DPOTrainer, model_path, records, args, silent)
 
 
 def train_simpo(model_path: str, records: datasets.Dataset, args: CPOConfig, *, silent: bool = False) -> CPOTrainer:
     if args.loss_type != "simpo":
         raise ValueError(f"SimPO needs loss_type='simpo', got {args.loss_type!r}")
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    trainer = CPOTrainer(model=model, args=args, train_dataset=records, processing_class=tokenizer)
-    if silent:
-        quiet(trainer)
-    trainer.train()
-    trainer.save_model(args.output_dir)
-    return trainer
+    return _fit(CPOTrainer, model_path, records, args, silent)
 
 
 def teacher_generations(
