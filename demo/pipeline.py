@@ -95,8 +95,7 @@ class DemoRun:
     def train_method(self, name: str, method: Method, setting: dict, seed: int, endpoints: dict[str, str]) -> Path:
         """Train one student with `method`, its fixed options and one `setting` of its grid."""
         c = self.config
-        tag = "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in setting.items())
-        out = self.models / "students" / _slug(name) / f"{tag}-seed{seed}"
+        out = self.models / "students" / _slug(name) / f"{_tag(setting)}-seed{seed}"
         options = {**method.options, **setting}
         lr = options.pop("learning_rate")
         pairs = self.data["pairs"]
@@ -122,8 +121,9 @@ class DemoRun:
                 trainer = run_adpa_plus(run, config, pairs, silent=True)
             else:
                 trainer = run_distill(str(self.student_sft), config, pairs, silent=True)
-        self.curves[f"{name} ({tag}, seed {seed})"] = _curve(trainer)
+        self.curves[_run_label(name, setting, seed)] = _curve(trainer)
         return out
+
 
     def _seqkd_data(self) -> datasets.Dataset:
         if self._seqkd_records is None:
@@ -179,7 +179,7 @@ class DemoRun:
                     runs.append(self.train_method(name, method, best, seed, endpoints))
                     bar.update()
                 trained[name] = {"setting": best, "validation": [{**t[0], "reward": t[2]} for t in tuning],
-                                 "models": runs}
+                                 "models": runs, "curve": self.curves[_run_label(name, best, 0)]}
                 logger.info("%s: %s chosen on validation (%s)", name, best,
                             "; ".join(f"{t[0]}: {t[2]:.3f}" for t in tuning))
         return trained
@@ -222,6 +222,14 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 def _curve(trainer) -> list[tuple[int, float]]:
     return [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+
+
+def _tag(setting: dict) -> str:
+    return "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in setting.items())
+
+
+def _run_label(name: str, setting: dict, seed: int) -> str:
+    return f"{name} ({_tag(setting)}, seed {seed})"
 
 
 def _slug(name: str) -> str:

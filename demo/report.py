@@ -44,7 +44,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results["methods"])
-    fig, (bars, curves) = plt.subplots(1, 2, figsize=(16, 6), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(18, 6), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.4
     for offset, mode in ((-width / 2, "greedy"), (width / 2, "sampled")):
         stats = [results["methods"][n][f"reward_{mode}"] for n in names]
@@ -55,15 +55,16 @@ def plot(results: dict, path: Path) -> None:
     bars.axhline(0, color="black", linewidth=0.5)
     bars.legend()
     bars.set_title("mean reward per method")
-    for label, points in results["curves"].items():
-        if "seed 0" in label or label.startswith(("teacher", "student SFT")):
-            if points:
-                steps, losses = zip(*points)
-                curves.plot(steps, losses, label=label, linewidth=1)
+    # Stage 0, then each method's chosen setting (seed 0).
+    lines = {k: v for k, v in results["curves"].items() if k.startswith(("teacher", "student SFT"))}
+    lines |= {name: row["curve"] for name, row in results["methods"].items() if row.get("curve")}
+    for label, points in lines.items():
+        steps, losses = zip(*points)
+        curves.plot(steps, losses, label=label, linewidth=1)
     curves.set_xlabel("step")
     curves.set_ylabel("training loss")
     curves.set_title("training curves")
-    curves.legend(fontsize=5, ncol=2)
+    curves.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -134,7 +134,8 @@ class ScoringServer:
             ready = self.service.ready()
             if ready != serving:
                 status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-                self.health.set(SERVICE_NAME, status)
+                for name in ("", SERVICE_NAME):
+                    self.health.set(name, status)
                 logger.warning("reference %s", "reachable again" if ready else "unreachable: reporting NOT_SERVING")
                 serving = ready
 

@@ -82,6 +82,8 @@ class DistillConfig(TrainingArguments):
             raise ValueError("support=topk needs support_k >= 1")
         if self.rollout == "online" and self.cache_dir:
             raise ValueError("cache_dir caches fixed data; online rollouts change every step, so they can't be cached")
+        if self.support_floor is not None and self.support == "dense" and self.floor_penalty is None:
+            raise ValueError("support=dense has no tail bucket: support_floor needs floor_penalty")
         if self.support_floor is not None and not 0 < self.support_floor < 1:
             raise ValueError(f"support_floor must be in (0, 1), got {self.support_floor}")
 

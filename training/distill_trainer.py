@@ -50,7 +50,7 @@ class Prepared:
     chosen: TokenBatch
     other: TokenBatch
     chosen_signals: TeacherSignals | None  # pair methods only
-    other_signals: TeacherSignals
+    other_signals: TeacherSignals | None  # None where only y_w is distilled
 
 
 class _PlanItems(Dataset):
@@ -100,6 +100,8 @@ class DistillTrainer(Trainer):
         self.teacher_info = teacher.check_compatible(tokenizer, model.get_output_embeddings().weight.shape[0])
         if args.signal == "advantage" and self.teacher_info.role != "teacher":
             raise ValueError(f"method {args.method} needs advantages: point --teacher at a teacher, not a reference")
+        # A reference service reports beta 0; adpa-no-ref against one uses the config's beta.
+        self.beta = self.teacher_info.beta if self.teacher_info.role == "teacher" else args.beta
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         vocab, max_k = self.teacher_info.model.vocab_size, self.teacher_info.limits.max_k
         if args.support_k > min(vocab, max_k) or args.student_k > vocab:
@@ -203,6 +205,12 @@ class DistillTrainer(Trainer):
                 value_dtype=a.value_dtype, include_logprobs=include,
             )
             chosen_signals, other_signals = None, TeacherSignals.from_result(answer, staged.other)
+        elif a.method != "dckd":  # only y_w is distilled
+            answer = self.teacher.score(
+                staged.chosen.sequences, staged.chosen.ranges, signal="logprobs", support=self._support(None),
+                value_dtype=a.value_dtype,
+            )
+            chosen_signals, other_signals = TeacherSignals.from_result(answer, staged.chosen), None
         else:
             # y_w and y_l in one request.
             sequences = staged.chosen.sequences + staged.other.sequences
@@ -250,7 +258,7 @@ class DistillTrainer(Trainer):
         return (loss, logits) if return_outputs else loss
 
     def _advantage_term(self, signals: TeacherSignals, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        a, beta = self.args, self.teacher_info.beta
+        a, beta = self.args, self.beta
         red = a.loss_reduction
         values, tail = signals.values, signals.tail
         if a.method == "adpa-no-ref":  # teacher log-probs -> A = beta * log pi_dpo
@@ -271,7 +279,7 @@ class DistillTrainer(Trainer):
     def _sparse_term(self, indices, values, tail, logits, mask) -> torch.Tensor:
         a, red = self.args, self.args.loss_reduction
         if a.method == "adpa-release":
-            clamped = losses.release_advantage(values / self.teacher_info.beta)
+            clamped = losses.release_advantage(values / self.beta)
             return losses.release_adpa_loss(indices, clamped, logits, mask, gamma=a.gamma, reduction=red)
         if a.method == "q-argmax":
             return a.gamma * losses.q_argmax_kd_loss(indices, values, logits, mask, reduction=red)
@@ -288,6 +296,8 @@ class DistillTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def train(self, *args, **kwargs):
+        if self.args.uses_samples and self.args.rollout == "offline":
+            self._offline_samples()  # from the initial student, before a checkpoint is loaded
         try:
             return super().train(*args, **kwargs)
         finally:

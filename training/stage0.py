@@ -48,7 +48,7 @@ def _fit(trainer_cls, model_path: str, records: datasets.Dataset, args, silent: 
     trainer = trainer_cls(model=model, args=args, train_dataset=records, processing_class=tokenizer)
     if silent:
         quiet(trainer)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     return trainer
 
