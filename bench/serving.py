@@ -176,7 +176,7 @@ def print_table(doc: dict) -> None:
         err(f"{r['support']:8} {r['signal']:9} {r['value_dtype']:5} {r['width']:5d} {r['bytes_per_position']:9.1f} "
             f"{r['framing_per_position']:8.2f} {r['projected_width']:10d} {r['projected_bytes_per_position']:11.1f}")
     err(f"dense fp32 reference 4*V: {4 * doc['vocab_size']} B at V={doc['vocab_size']}, {4 * REAL_VOCAB} B at "
-        f"V={REAL_VOCAB}; DESIGN budget for top-32 BF16 advantage: <= 300 B/pos")
+        f"V={REAL_VOCAB}; budget for top-32 BF16 advantage: <= 300 B/pos")
     err("\nthroughput (topk k={}, median of {}; timings on this machine only):".format(cfg["k"], cfg["repeats"]))
     for name, r in doc["throughput"].items():
         if isinstance(r, dict):

@@ -48,7 +48,7 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class SupportSpec:
-    """Which tokens an answer covers at each scored position (DESIGN.md section 2)."""
+    """Which tokens an answer covers at each scored position (see docs/wire-protocol.md)."""
 
     kind: SupportName
     k: int = 0

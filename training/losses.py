@@ -1,6 +1,6 @@
 """The losses of DCKD, ADPA and the baselines they are compared with: pure functions on tensors.
 
-Each function states its equation; DESIGN.md section 2 is the specification they implement.
+Each function states its equation; docs/training.md puts them side by side, per method.
 
 Conventions (B = batch, T = positions, V = vocabulary, m = support width):
 - `logits` (B, T, V) are the student's, already aligned with the signals: position t holds the
