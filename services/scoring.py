@@ -2,8 +2,8 @@
 
 A reference answers LOGPROBS. A teacher answers LOGPROBS from pi_dpo, and ADVANTAGE
 A = beta * (log pi_dpo - log pi_ref), exact at every returned index: pi_dpo chooses the support,
-then pi_ref (in process or remote) is asked for exactly those indices. The gRPC servicer, the
-HTTP routes and the Ray Serve deployments all wrap this one class.
+then pi_ref (in process or remote) is asked for exactly those indices. The gRPC servicer and the
+HTTP routes wrap this one class; any other server (a Ray Serve deployment, say) can do the same.
 """
 
 from __future__ import annotations
