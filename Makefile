@@ -29,6 +29,7 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/fidelity.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
