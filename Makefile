@@ -30,6 +30,7 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/fidelity.py
+	$(BIN)/python bench/step_overhead.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

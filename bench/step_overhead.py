@@ -1,0 +1,100 @@
+"""Training-step time against a teacher on loopback vs in process, with and without prefetch.
+
+    .venv/bin/python bench/step_overhead.py                         # ADPA, 60 steps per setting
+    .venv/bin/python bench/step_overhead.py --method dckd --steps 100 --out overhead.json
+
+Builds a tiny teacher, reference and student offline, writes preference data from the built-in
+world, starts `adpa serve` for the reference and the teacher (reference in the teacher's process),
+then trains the same student for --steps steps three ways: teacher in process, teacher over gRPC
+with prefetch 0, and over gRPC with prefetch --prefetch. Reports the mean step time of each
+(Trainer's train_runtime / steps, which excludes start-up and offline sampling). Budget: remote
+<= 1.10x in process; with prefetch, faster than in process. Prints JSON and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+
+from adpa.demo.world import WORDS, World, WorldConfig
+from adpa.services.launch import ServiceProcess
+from adpa.tiny_model import make_tiny_model
+from adpa.training.cli import run_distill
+from adpa.training.distill_config import DistillConfig
+from adpa.training.teacher import LocalTeacher
+
+
+def step_seconds(student: Path, records, out: Path, args, teacher: str, prefetch: int, local=None) -> float:
+    config = DistillConfig(
+        output_dir=str(out), method=args.method, teacher=teacher, max_steps=args.steps, prefetch=prefetch,
+        per_device_train_batch_size=args.batch_size, learning_rate=1e-3, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True, support="indices" if args.method == "adpa" else "topk",
+        student_k=8, support_k=16, max_new_tokens=16, logging_steps=args.steps,
+    )
+    trainer = run_distill(str(student), config, records, teacher=local, silent=True)
+    runtime = next(e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e)
+    return runtime / args.steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", default="adpa", choices=["adpa", "dckd"], help="default: %(default)s")
+    parser.add_argument("--steps", type=int, default=60, help="steps per setting (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="records per step (default: %(default)s)")
+    parser.add_argument("--prefetch", type=int, default=2, help="prefetch depth of the third setting (default: 2)")
+    parser.add_argument("--teacher-shape", type=int, nargs=2, default=[4, 256], metavar=("LAYERS", "HIDDEN"),
+                        help="teacher and reference size (default: 4 256)")
+    parser.add_argument("--student-shape", type=int, nargs=2, default=[2, 128], metavar=("LAYERS", "HIDDEN"),
+                        help="student size (default: 2 128)")
+    parser.add_argument("--workdir", help="keep models and data here (default: a temporary folder)")
+    parser.add_argument("--out", help="write the JSON here instead of stdout")
+    args = parser.parse_args(argv)
+    # One core for the trainer, one for the services: the comparison is about overlap, not threads.
+    torch.set_num_threads(1)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.workdir or tmp)
+        paths = World(WorldConfig(num_sft=1, num_pairs=args.steps * args.batch_size, num_validation=1, num_test=1)
+                      ).write(root / "data")
+        records = datasets.load_dataset("json", data_files=str(paths["pairs"]), split="train")
+        (tl, th), (sl, sh) = args.teacher_shape, args.student_shape
+        teacher = make_tiny_model(root / "teacher", layers=tl, hidden=th, seed=1, words=WORDS)
+        reference = make_tiny_model(root / "reference", layers=tl, hidden=th, seed=2, words=WORDS)
+        student = make_tiny_model(root / "student", layers=sl, hidden=sh, heads=4, seed=3, words=WORDS)
+
+        results = {}
+        local = LocalTeacher.from_paths(str(teacher), str(reference), beta=0.1)
+        results["in_process"] = step_seconds(student, records, root / "run-local", args, "local", 0, local)
+        serve = ["--role", "teacher", "--model", str(teacher), "--reference", str(reference), "--beta", "0.1"]
+        with ServiceProcess(serve, env={"ADPA_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}, http=False) as service:
+            results["grpc_prefetch_0"] = step_seconds(student, records, root / "run-remote0", args, service.endpoint, 0)
+            results[f"grpc_prefetch_{args.prefetch}"] = step_seconds(
+                student, records, root / "run-remote", args, service.endpoint, args.prefetch)
+
+    report = {"config": vars(args), "step_seconds": results,
+              "ratio_to_in_process": {k: v / results["in_process"] for k, v in results.items()}}
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+    print(f"{args.method}, {args.steps} steps of {args.batch_size} records, teacher+reference {tl}x{th}, "
+          f"student {sl}x{sh}, 1 torch thread in the trainer and 1 in the service", file=sys.stderr)
+    for name, seconds in results.items():
+        print(f"  {name:<20} {1000 * seconds:8.1f} ms/step  {seconds / results['in_process']:.2f}x in process",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
