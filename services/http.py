@@ -26,7 +26,7 @@ from adpa.services.errors import ServiceError, Unavailable
 from adpa.services.metrics import ServiceMetrics
 from adpa.services.protocol import ScoreQuery, SupportSpec
 from adpa.services.scoring import ScoringService
-from adpa.services.servicer import AdmissionGate
+from adpa.services.admission import AdmissionGate
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from adpa.services.engine import ScoringEngine
 from adpa.services.interceptors import AuthInterceptor, ServiceInterceptor
 from adpa.services.metrics import ServiceMetrics
 from adpa.services.scoring import LocalReference, RemoteReference, ScoringService
-from adpa.services.servicer import AdmissionGate, ScorerServicer
+from adpa.services.admission import AdmissionGate
+from adpa.services.servicer import ScorerServicer
 from adpa.v1 import scoring_pb2, scoring_pb2_grpc
 
 logger = logging.getLogger(__name__)
