@@ -7,7 +7,8 @@ Builds a tiny teacher, reference and student offline, writes preference data fro
 world, starts `adpa serve` for the reference and the teacher (reference in the teacher's process),
 then trains the same student for --steps steps three ways: teacher in process, teacher over gRPC
 with prefetch 0, and over gRPC with prefetch --prefetch. Reports the mean step time of each
-(Trainer's train_runtime / steps, which excludes start-up and offline sampling). Budget: remote
+(Trainer's train_runtime / steps, which excludes start-up and offline sampling), median over
+--repeats rounds in which the three settings alternate. Budget: remote
 <= 1.10x in process; with prefetch, faster than in process. Prints JSON and a table.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="teacher and reference size (default: 4 256)")
     parser.add_argument("--student-shape", type=int, nargs=2, default=[2, 128], metavar=("LAYERS", "HIDDEN"),
                         help="student size (default: 2 128)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats; medians reported (default: 3)")
     parser.add_argument("--workdir", help="keep models and data here (default: a temporary folder)")
     parser.add_argument("--out", help="write the JSON here instead of stdout")
     args = parser.parse_args(argv)
@@ -72,23 +75,27 @@ def main(argv: list[str] | None = None) -> int:
         reference = make_tiny_model(root / "reference", layers=tl, hidden=th, seed=2, words=WORDS)
         student = make_tiny_model(root / "student", layers=sl, hidden=sh, heads=4, seed=3, words=WORDS)
 
-        results = {}
         local = LocalTeacher.from_paths(str(teacher), str(reference), beta=0.1)
-        results["in_process"] = step_seconds(student, records, root / "run-local", args, "local", 0, local)
         serve = ["--role", "teacher", "--model", str(teacher), "--reference", str(reference), "--beta", "0.1"]
+        runs: dict[str, list[float]] = {"in_process": [], "grpc_prefetch_0": [], f"grpc_prefetch_{args.prefetch}": []}
         with ServiceProcess(serve, env={"ADPA_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}, http=False) as service:
-            results["grpc_prefetch_0"] = step_seconds(student, records, root / "run-remote0", args, service.endpoint, 0)
-            results[f"grpc_prefetch_{args.prefetch}"] = step_seconds(
-                student, records, root / "run-remote", args, service.endpoint, args.prefetch)
+            # Settings alternate within each repeat, so slow drifts of the machine hit all of them.
+            for repeat in range(args.repeats):
+                out = root / f"run-{repeat}"
+                runs["in_process"].append(step_seconds(student, records, out / "local", args, "local", 0, local))
+                runs["grpc_prefetch_0"].append(step_seconds(student, records, out / "remote0", args, service.endpoint, 0))
+                runs[f"grpc_prefetch_{args.prefetch}"].append(
+                    step_seconds(student, records, out / "remote", args, service.endpoint, args.prefetch))
+        results = {name: statistics.median(times) for name, times in runs.items()}
 
-    report = {"config": vars(args), "step_seconds": results,
+    report = {"config": vars(args), "step_seconds": results, "runs": runs,
               "ratio_to_in_process": {k: v / results["in_process"] for k, v in results.items()}}
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
     else:
         print(text)
-    print(f"{args.method}, {args.steps} steps of {args.batch_size} records, teacher+reference {tl}x{th}, "
+    print(f"{args.method}, median of {args.repeats}, {args.steps} steps of {args.batch_size} records, teacher+reference {tl}x{th}, "
           f"student {sl}x{sh}, 1 torch thread in the trainer and 1 in the service", file=sys.stderr)
     for name, seconds in results.items():
         print(f"  {name:<20} {1000 * seconds:8.1f} ms/step  {seconds / results['in_process']:.2f}x in process",
