@@ -19,18 +19,23 @@ def gather(logp: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def log_tail_mass(logp: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """log sum_{a not in S_i} pi(a | s_i), with S_i the valid entries of row i of `indices`.
+    """log sum_{a not in S} pi(a | s), with S the valid entries of the last axis of `indices`.
 
-    Computed as a logsumexp over the tokens outside the support, so it has no cancellation
-    error when the support holds almost all the mass (unlike log(1 - sum_S p)); -inf when the
-    support is the whole vocabulary.
+    logp (..., V), indices (..., m) -> (...). Computed as a logsumexp over the tokens outside the
+    support, so it has no cancellation error when the support holds almost all the mass (unlike
+    log(1 - sum_S p)); -inf when the support is the whole vocabulary. Differentiable in logp,
+    with a finite (zero) gradient at such rows, so training losses use it too.
     """
     vocab = logp.shape[-1]
     # Pads are sent to an extra column, so every write is True (scatter_ with duplicate
     # targets is only deterministic when they write the same value).
-    in_support = torch.zeros((logp.shape[0], vocab + 1), dtype=torch.bool, device=logp.device)
-    in_support.scatter_(-1, indices.masked_fill(indices < 0, vocab), True)
-    return logp.masked_fill(in_support[:, :vocab], float("-inf")).logsumexp(-1)
+    in_support = torch.zeros((*logp.shape[:-1], vocab + 1), dtype=torch.bool, device=logp.device)
+    in_support.scatter_(-1, indices.long().masked_fill(indices < 0, vocab), True)
+    in_support = in_support[..., :vocab]
+    empty = in_support.all(-1)
+    # The logsumexp of an all -inf row has a nan gradient: keep such rows finite, then mark them.
+    outside = logp.masked_fill(in_support & ~empty[..., None], float("-inf"))
+    return outside.logsumexp(-1).masked_fill(empty, float("-inf"))
 
 
 def topk(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -34,6 +34,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from adpa.services import support as sup
+
 Reduction = Literal["mean", "sum"]
 
 # The paper's release preset (see `release_advantage` and `release_adpa_loss`).
@@ -74,25 +76,6 @@ def _gather(logp: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """logp at the support: (B, T, V), (B, T, m) -> (B, T, m), -inf at pads (probability 0)."""
     values = logp.gather(-1, indices.long().clamp(min=0))
     return values.masked_fill(indices < 0, float("-inf"))
-
-
-def _log_mass_outside(logp: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """log sum_{a not in S_t} pi(a | s_t): (B, T, V), (B, T, m) -> (B, T), -inf when S_t = V.
-
-    A logsumexp over the tokens outside the support, so it stays exact when the support holds
-    almost all the mass (log(1 - sum_S pi) would cancel). Its gradient is finite, and zero,
-    at positions whose support is the whole vocabulary.
-    """
-    vocab = logp.shape[-1]
-    # Pads write to an extra column that is then dropped.
-    in_support = torch.zeros((*logp.shape[:-1], vocab + 1), dtype=torch.bool, device=logp.device)
-    in_support.scatter_(-1, indices.long().masked_fill(indices < 0, vocab), True)
-    in_support = in_support[..., :vocab]  # (B, T, V)
-    empty = in_support.all(-1)  # (B, T)
-    # The logsumexp of an all -inf row has a nan gradient: leave such rows finite, then mark them
-    # (so that no nan appears even in intermediate gradients, and detect_anomaly stays quiet).
-    outside = logp.masked_fill(in_support & ~empty[..., None], float("-inf"))
-    return outside.logsumexp(-1).masked_fill(empty, float("-inf"))
 
 
 def _kl_terms(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -212,7 +195,7 @@ def sparse_kl(
     logq = _student_logprobs(logits)  # (B, T, V)
     logp_support = teacher_values.float().masked_fill(indices < 0, float("-inf"))  # (B, T, m)
     support_term = _kl_terms(logp_support, _gather(logq, indices)).sum(-1)  # (B, T)
-    tail_term = _kl_terms(teacher_tail.float(), _log_mass_outside(logq, indices))  # (B, T)
+    tail_term = _kl_terms(teacher_tail.float(), sup.log_tail_mass(logq, indices))  # (B, T)
     return _reduce(support_term + tail_term, mask, reduction)
 
 
@@ -297,7 +280,7 @@ def sparse_adpa_loss(
     advantage_support = advantage_values.float().masked_fill(indices < 0, 0.0)  # (B, T, m)
     expected_advantage = (q_support * advantage_support).sum(-1)  # (B, T)
     if advantage_tail is not None:
-        log_q_tail = _log_mass_outside(logq, indices)  # (B, T)
+        log_q_tail = sup.log_tail_mass(logq, indices)  # (B, T)
         tail_empty = torch.isneginf(log_q_tail)
         # q_tail = 0 there, and 0 * A_tail must be 0 even when A_tail is -inf (no-reference tail).
         tail_advantage = advantage_tail.float().masked_fill(tail_empty, 0.0)  # (B, T)

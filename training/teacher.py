@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from adpa.client import TeacherClient, check_compatible
+from adpa.services import convert
 from adpa.services.engine import ScoringEngine
 from adpa.services.protocol import ModelInfo, ScoreQuery, ScoreResult, SignalName, SupportSpec
 from adpa.services.scoring import LocalReference, ScoringService
@@ -46,7 +47,6 @@ class LocalTeacher:
 
     def __init__(self, service: ScoringService):
         self.service = service
-        self.requests = 0
 
     @classmethod
     def from_paths(
@@ -65,18 +65,13 @@ class LocalTeacher:
 
     def score(self, sequences, ranges, *, signal="logprobs", support=SupportSpec("topk", k=32), value_dtype="FP32",
               include_logprobs=False) -> ScoreResult:
-        self.requests += 1
         query = ScoreQuery(
             sequences=[torch.as_tensor(s, dtype=torch.long).cpu() for s in sequences],
             ranges=list(ranges), signal=signal, support=support, value_dtype=value_dtype,
             include_logprobs=include_logprobs,
         )
-        result = self.service.score(query)
-        if value_dtype != "FP32":  # round like the wire does, so both implementations agree
-            from adpa.wire import DATATYPES
-
-            result.values = result.values.to(DATATYPES[value_dtype][0]).float()
-        return result
+        # Through the wire encoding and back, so both implementations round every tensor alike.
+        return convert.result_from_pb(convert.result_to_pb(self.service.score(query), "", value_dtype))
 
 
 def connect_teacher(
