@@ -25,7 +25,7 @@ from adpa.config import add_settings_arguments, settings_from_args
 
 def _serve(args: argparse.Namespace) -> int:
     from adpa.services.config import ServeConfig
-    from adpa.services.server import serve
+    from adpa.services.standalone import serve
 
     try:
         config = settings_from_args(ServeConfig, args)
@@ -58,7 +58,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from adpa.quickstart import run_quickstart
+    from adpa.demo.quickstart import run_quickstart
 
     return run_quickstart(args.workdir)
 

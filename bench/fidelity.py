@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from adpa.services import support as sup
+from adpa import sparse
 from adpa.training import losses
 
 
@@ -60,12 +60,12 @@ def measure(args) -> dict:
     sampled_token = student[0].softmax(-1).multinomial(1, generator=torch.Generator().manual_seed(args.seed))
     for k in args.k:
         # topk: the teacher's k best; indices: the student's k best + the sampled token, united with the teacher's k.
-        topk_idx, topk_lp, topk_tail = sup.topk(t, k)
+        topk_idx, topk_lp, topk_tail = sparse.topk(t, k)
         student_top = student[0].topk(k, dim=-1).indices
-        union_idx, union_lp, union_tail = sup.union_with_topk(t, torch.cat([student_top, sampled_token], -1), k)
+        union_idx, union_lp, union_tail = sparse.union_with_topk(t, torch.cat([student_top, sampled_token], -1), k)
         for name, idx, lp, tail in (("topk", topk_idx, topk_lp, topk_tail), ("indices", union_idx, union_lp, union_tail)):
-            adv = sup.advantage(lp, sup.gather(r, idx), args.beta).masked_fill(idx < 0, 0.0)
-            adv_tail = sup.advantage(tail, sup.log_tail_mass(r, idx), args.beta)
+            adv = sparse.advantage(lp, sparse.gather(r, idx), args.beta).masked_fill(idx < 0, 0.0)
+            adv_tail = sparse.advantage(tail, sparse.log_tail_mass(r, idx), args.beta)
             grad = gradient(student, lambda s: losses.sparse_adpa_loss(
                 idx[None], adv[None], adv_tail[None], s, mask, gamma=1.0))
             cosine = float(torch.nn.functional.cosine_similarity(grad, dense_grad, dim=0))

@@ -6,7 +6,7 @@
 
 Builds a tiny random teacher (seed 1) and reference (seed 2) with adpa.tiny_model, then
 1. wire: the serialized ScoreResponse size / P for every support kind, signal and value dtype,
-   built in process (ScoringService + convert.result_to_pb, no server), plus a *computed*
+   built in process (ScoringService + codec.result_to_pb, no server), plus a *computed*
    projection to a real vocabulary (V=128256) from the payload formula the proto implies;
 2. throughput: positions/s of ScoringEngine.score in process, and of the same batch through
    `adpa serve` subprocesses (reference: LOGPROBS; teacher with in-process reference: ADVANTAGE)
@@ -29,11 +29,12 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from adpa.client import TeacherClient
-from adpa.services import convert
+from adpa import codec
 from adpa.services.engine import ScoringEngine
 from adpa.services.launch import ServiceProcess
-from adpa.services.protocol import ScoreQuery, SupportSpec
-from adpa.services.scoring import LocalReference, ScoringService
+from adpa.protocol import ScoreQuery, SupportSpec
+from adpa.services.reference import LocalReference
+from adpa.services.scoring import ScoringService
 from adpa.tiny_model import make_tiny_model
 
 REAL_VOCAB = 128256  # Llama 3
@@ -97,7 +98,7 @@ def measure_wire(args, service: ScoringService, seqs, ranges) -> list[dict]:
         for signal in ("logprobs", "advantage"):
             for dtype in VALUE_BYTES:
                 query = ScoreQuery(seqs, ranges, signal, spec, value_dtype=dtype, request_id="bench-0000000000")
-                msg = convert.result_to_pb(service.score(query), query.request_id, dtype)
+                msg = codec.result_to_pb(service.score(query), query.request_id, dtype)
                 total = msg.ByteSize()
                 bare = type(msg)()
                 bare.CopyFrom(msg)

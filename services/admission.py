@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from adpa.services.errors import ResourceExhausted
+from adpa.errors import ResourceExhausted
 from adpa.services.metrics import ServiceMetrics
 
 

@@ -1,14 +1,15 @@
-"""ServeConfig: every setting of a teacher or reference service, for the CLI, YAML, env and Ray Serve."""
+"""ServeConfig: every setting of a teacher or reference service, for the CLI, YAML and environment."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 
 from adpa.config import AdpaSettings
-from adpa.services.protocol import Limits
+from adpa.protocol import Limits
 
 
 class ServeConfig(AdpaSettings):
@@ -76,11 +77,5 @@ class ServeConfig(AdpaSettings):
         return int(self.max_message_mb * (1 << 20))
 
     def limits(self) -> Limits:
-        return Limits(
-            max_k=self.max_k,
-            max_samples=self.max_samples,
-            max_indices=self.max_indices,
-            max_positions=self.max_positions,
-            max_dense_positions=self.max_dense_positions,
-            max_message_bytes=self.max_message_bytes,
-        )
+        """The limits announced in the handshake: the fields (and property) of the same names."""
+        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})

@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from adpa import sparse
+from adpa.errors import Cancelled
 from adpa.fingerprint import model_fingerprint, tokenizer_fingerprint
-from adpa.services import support as sup
-from adpa.services.errors import Cancelled
-from adpa.services.protocol import ModelFingerprint, SupportSpec, SupportValues
+from adpa.protocol import ModelFingerprint, SupportSpec, SupportValues
 
 logger = logging.getLogger(__name__)
 
@@ -194,11 +194,11 @@ class ScoringEngine:
         with self._lock, torch.inference_mode():
             for rows, logp in self._scored_rows(sequences, ranges, should_stop):
                 if support.kind == "topk":
-                    out = sup.topk(logp, support.k)
+                    out = sparse.topk(logp, support.k)
                 elif support.kind == "indices":
-                    out = sup.union_with_topk(logp, support.indices[rows], support.k)
+                    out = sparse.union_with_topk(logp, support.indices[rows], support.k)
                 elif support.kind == "sampled":
-                    out = sup.sample(logp, uniforms[rows], support.temperature)
+                    out = sparse.sample(logp, uniforms[rows], support.temperature)
                 elif support.kind == "dense":
                     out = (logp,)
                 else:
@@ -226,7 +226,7 @@ def _assemble(
 
     if kind == "dense":
         return SupportValues(indices=None, logprobs=place(0, 0.0, torch.float32), log_tail=None)
-    indices = place(0, sup.PAD, torch.long)
+    indices = place(0, sparse.PAD, torch.long)
     values = place(1, 0.0, torch.float32)
     if kind == "sampled":
         return SupportValues(indices=indices, logprobs=values, log_tail=None, weights=place(2, 0.0, torch.float32))

@@ -9,12 +9,13 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "adpa_requests", "Requests handled, by method and status code", ["method", "code"], registry=self.registry
+            "adpa_requests", "Calls answered, by transport (grpc, http, ray), method and status code",
+            ["transport", "method", "code"], registry=self.registry,
         )
         self.latency = Histogram(
             "adpa_request_seconds",
-            "Request latency in seconds, by method",
-            ["method"],
+            "Call latency in seconds, by transport and method",
+            ["transport", "method"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=self.registry,
         )

@@ -1,125 +1,29 @@
-"""The scoring service: request validation and the teacher/reference logic, for any transport.
+"""The scoring service: request validation and the teacher/reference logic, with no transport.
 
 A reference answers LOGPROBS. A teacher answers LOGPROBS from pi_dpo, and ADVANTAGE
 A = beta * (log pi_dpo - log pi_ref), exact at every returned index: pi_dpo chooses the support,
-then pi_ref (in process or remote) is asked for exactly those indices. The gRPC servicer and the
-HTTP routes wrap this one class; any other server (a Ray Serve deployment, say) can do the same.
+then pi_ref (a `ReferenceModel`: in process, over gRPC or through a Ray handle) is asked for
+exactly those indices. Transports reach it through `adpa.services.frontend.Frontend`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
 
-import grpc
-import torch
-
-from adpa import __version__
-from adpa.services import support as sup
-from adpa.services.engine import ScoringEngine
-from adpa.services.errors import Internal, InvalidArgument, OutOfRange, ResourceExhausted, Unavailable
-from adpa.services.protocol import (
+from adpa import __version__, sparse
+from adpa.errors import InvalidArgument, OutOfRange, ResourceExhausted
+from adpa.protocol import (
+    VALUE_BYTES,
     Limits,
     ModelFingerprint,
     ModelInfo,
     Role,
     ScoreQuery,
     ScoreResult,
-    SupportSpec,
-    SupportValues,
-    VALUE_BYTES,
     answer_bytes_per_position,
 )
-
-if TYPE_CHECKING:
-    from adpa.client import TeacherClient
-
-StopFn = Callable[[], bool]
-
-
-class ReferenceModel(Protocol):
-    """Where a teacher gets pi_ref: an engine in the same process or a remote reference service."""
-
-    @property
-    def fingerprint(self) -> ModelFingerprint: ...
-
-    def score(
-        self, sequences: list[torch.Tensor], ranges: list[tuple[int, int]], support: SupportSpec, should_stop: StopFn | None
-    ) -> SupportValues: ...
-
-    def ready(self) -> bool: ...
-
-
-class LocalReference:
-    """pi_ref in the same process: one more forward, no transfer."""
-
-    def __init__(self, engine: ScoringEngine):
-        self.engine = engine
-
-    @property
-    def fingerprint(self) -> ModelFingerprint:
-        return self.engine.fingerprint
-
-    def score(self, sequences, ranges, support, should_stop=None) -> SupportValues:
-        return self.engine.score(sequences, ranges, support, should_stop)
-
-    def ready(self) -> bool:
-        return True
-
-
-class RemoteReference:
-    """pi_ref behind a reference endpoint, asked only for the indices a teacher needs."""
-
-    def __init__(self, client: TeacherClient):
-        self.client = client
-        self._fingerprint: ModelFingerprint | None = None
-
-    @property
-    def fingerprint(self) -> ModelFingerprint:
-        if self._fingerprint is None:
-            self._fingerprint = self.client.info().model
-        return self._fingerprint
-
-    def score(self, sequences, ranges, support, should_stop=None) -> SupportValues:
-        try:
-            answer = self.client.score(sequences, ranges, signal="logprobs", support=support, value_dtype="FP32")
-        except grpc.RpcError as err:
-            if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise Unavailable(f"reference model unavailable ({err.code().name}): {err.details()}") from None
-            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise ResourceExhausted(f"reference model busy: {err.details()}", retry_after_ms=1000) from None
-            # The teacher built this request: a refusal is this deployment's fault, not the caller's.
-            raise Internal(f"reference model refused the teacher's request ({err.code().name}): {err.details()}") from None
-        return SupportValues(indices=answer.indices, logprobs=answer.values, log_tail=answer.tail)
-
-    def max_indices(self) -> int:
-        return self.client.info().limits.max_indices
-
-    def ready(self) -> bool:
-        try:
-            self.client.info(timeout=2.0)
-            return True
-        except Exception:
-            return False
-
-
-def reference_at(
-    reference: ReferenceModel,
-    sequences: list[torch.Tensor],
-    ranges: list[tuple[int, int]],
-    indices: torch.Tensor | None,
-    should_stop: StopFn | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi_ref at `indices` (P, m) (or everywhere when None), and its log tail mass outside them."""
-    if indices is None:
-        dense = reference.score(sequences, ranges, SupportSpec("dense"), should_stop)
-        return dense.logprobs, None
-    # Ask for each distinct id once (sampled supports repeat ids), then read them back in order.
-    unique = sup.sorted_union(indices, indices[:, :0], reference.fingerprint.vocab_size)
-    answer = reference.score(sequences, ranges, SupportSpec("indices", k=0, indices=unique), should_stop)
-    return sup.lookup(answer.indices, answer.logprobs, indices), answer.log_tail
-
+from adpa.services.engine import ScoringEngine
+from adpa.services.reference import ReferenceModel, StopFn, reference_at
 
 class ScoringService:
     """Validates queries and answers them with one model (reference) or two (teacher)."""
@@ -144,12 +48,12 @@ class ScoringService:
         self.limits = limits
         if reference is not None:
             check_same_tokenizer(engine.fingerprint, reference.fingerprint)
-        if isinstance(reference, RemoteReference):
             # The widest support the teacher may forward: an INDICES support, or n distinct draws.
             widest = min(engine.vocab_size, max(limits.max_indices, limits.max_samples))
-            if reference.max_indices() < widest:
+            accepted = reference.max_indices()
+            if accepted is not None and accepted < widest:
                 raise ValueError(
-                    f"the reference accepts {reference.max_indices()} indices per position, but this teacher may "
+                    f"the reference accepts {accepted} indices per position, but this teacher may "
                     f"forward {widest} (its max_indices or max_samples); start the reference with "
                     f"--max-indices {widest} or lower the teacher's limits"
                 )
@@ -166,6 +70,11 @@ class ScoringService:
 
     def ready(self) -> bool:
         return self.reference is None or self.reference.ready()
+
+    def close(self) -> None:
+        """Release the reference connection (the engines are freed with this object)."""
+        if self.reference is not None:
+            self.reference.close()
 
     def score(self, query: ScoreQuery, should_stop: StopFn | None = None) -> ScoreResult:
         self.validate(query)
@@ -193,8 +102,8 @@ class ScoringService:
             model=self.engine.fingerprint,
             reference=self.reference.fingerprint,
             indices=own.indices,
-            values=sup.advantage(own.logprobs, ref_logp, self.beta),
-            tail=sup.advantage(own.log_tail, ref_tail, self.beta) if own.log_tail is not None else None,
+            values=sparse.advantage(own.logprobs, ref_logp, self.beta),
+            tail=sparse.advantage(own.log_tail, ref_tail, self.beta) if own.log_tail is not None else None,
             weights=own.weights,
             extras=extras,
         )

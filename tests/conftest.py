@@ -38,6 +38,20 @@ def other_tokenizer_path(models_dir) -> Path:
     return make_tiny_model(models_dir / "other", seed=3, words=[*DEFAULT_WORDS, "zebra"])
 
 
+def metric_value(http_port: int, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample of a running server (0 when it has not been counted yet)."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urlopen(f"http://127.0.0.1:{http_port}/metrics").read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
 def start_service(tmp_path_factory, args: list[str], env: dict[str, str] | None = None) -> ServiceProcess:
     log = tmp_path_factory.mktemp("logs") / "serve.log"
     return ServiceProcess(args, env={**SERVER_ENV, **(env or {})}, log_path=log).start()

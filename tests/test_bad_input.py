@@ -1,7 +1,7 @@
 """Bad input through the real gRPC (and HTTP) servers, with raw stubs.
 
 The Python client never builds malformed requests, so these tests start from a valid
-`adpa.v1.ScoreRequest` (`convert.query_to_pb`) and corrupt one field at a time: token ids
+`adpa.v1.ScoreRequest` (`codec.query_to_pb`) and corrupt one field at a time: token ids
 outside the vocabulary, empty or over-long sequences, broken score ranges and lengths,
 out-of-range support parameters, unknown enum values and tensor datatypes, raw bytes that
 don't match their shape, signals the role can't serve, limits on positions and message size,
@@ -22,9 +22,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from adpa import wire
-from adpa.services import convert
-from adpa.services.protocol import ScoreQuery, SupportSpec
+from adpa import codec
+from adpa.protocol import ScoreQuery, SupportSpec
 from adpa.v1 import scoring_pb2 as pb
 from adpa.v1 import scoring_pb2_grpc as pb_grpc
 
@@ -56,12 +55,12 @@ def request(
 ) -> pb.ScoreRequest:
     """A ScoreRequest as the client would build it (nothing checked on the way)."""
     query = ScoreQuery(sequences=list(sequences), ranges=list(ranges), signal=signal, support=support, **fields)
-    return convert.query_to_pb(query)
+    return codec.query_to_pb(query)
 
 
 def tensor(values, datatype: str = "INT32", shape: list[int] | None = None) -> pb.Tensor:
     """A wire tensor of `values`, optionally lying about its shape."""
-    msg = wire.encode(torch.tensor(values), datatype)
+    msg = codec.encode(torch.tensor(values), datatype)
     if shape is not None:
         del msg.shape[:]
         msg.shape.extend(shape)
@@ -110,7 +109,7 @@ class Scorer:
 
     def assert_serving(self) -> None:
         """The known-good request still gets exactly the answer it got at the start."""
-        got, want = convert.result_from_pb(self.score(self.probe)), convert.result_from_pb(self.expected)
+        got, want = codec.result_from_pb(self.score(self.probe)), codec.result_from_pb(self.expected)
         for name in ("signal", "support", "model", "reference"):
             assert getattr(got, name) == getattr(want, name), name
         for name in ("indices", "values", "tail", "weights"):
@@ -383,7 +382,7 @@ def test_answer_over_the_message_limit(teacher, positions, n):
 def test_request_over_the_message_limit(teacher):
     """grpc itself refuses a request larger than --max-message-mb, before any of our code runs."""
     ids = torch.full((300_000,), 9)
-    msg = replaced(request(), input_ids=wire.encode(ids, "INT32"), lengths=tensor([300_000]),
+    msg = replaced(request(), input_ids=codec.encode(ids, "INT32"), lengths=tensor([300_000]),
                    score_ranges=tensor([[0, 1]]))
     assert msg.ByteSize() > MAX_MESSAGE_BYTES
     teacher.assert_refused(msg, Codes.RESOURCE_EXHAUSTED, str(MAX_MESSAGE_BYTES))
@@ -469,7 +468,7 @@ def test_lengths_that_overflow_int64_when_summed(teacher):
 def test_sampled_advantage_up_to_the_announced_max_samples(teacher):
     """ModelInfo announces max_samples=4096; an ADVANTAGE request within it must be answered."""
     msg = request([SEQUENCES[0]], [(0, 1)], signal="advantage", support=SupportSpec("sampled", n=MAX_SAMPLES, seed=1))
-    answer = convert.result_from_pb(teacher.score(msg))
+    answer = codec.result_from_pb(teacher.score(msg))
     assert answer.indices.shape == (1, MAX_SAMPLES)
     teacher.assert_serving()
 

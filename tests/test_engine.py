@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adpa.services import support as sup
+from adpa import sparse
 from adpa.services.engine import ScoringEngine
-from adpa.services.protocol import SupportSpec
+from adpa.protocol import SupportSpec
 
 SEQUENCES = [torch.tensor(s) for s in ([5, 37, 7, 8, 17, 2, 6, 9, 10], [5, 7, 7, 2, 6, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])]
 RANGES = [(0, 9), (3, 6), (5, 12)]
@@ -27,24 +27,24 @@ def test_log_tail_mass_with_pads_and_duplicates():
         torch.log(logp[1].exp().sum() - logp[1, 9].exp()),
         torch.log(logp[2].exp().sum() - logp[2, 1:4].exp().sum()),
     ])
-    torch.testing.assert_close(sup.log_tail_mass(logp, idx), expected)
-    assert torch.isneginf(sup.log_tail_mass(logp, torch.arange(10).expand(3, 10))).all()
+    torch.testing.assert_close(sparse.log_tail_mass(logp, idx), expected)
+    assert torch.isneginf(sparse.log_tail_mass(logp, torch.arange(10).expand(3, 10))).all()
 
 
 def test_sorted_union_and_lookup():
     a = torch.tensor([[3, 1, -1], [2, 2, 2]])
     b = torch.tensor([[1, 5], [0, 9]])
-    union = sup.sorted_union(a, b, vocab_size=10)
+    union = sparse.sorted_union(a, b, vocab_size=10)
     assert union.tolist() == [[1, 3, 5], [0, 2, 9]]
     values = union.float() * 10
-    assert sup.lookup(union, values, torch.tensor([[5, -1, 1], [9, 2, 2]])).tolist() == [[50, 0, 10], [90, 20, 20]]
+    assert sparse.lookup(union, values, torch.tensor([[5, -1, 1], [9, 2, 2]])).tolist() == [[50, 0, 10], [90, 20, 20]]
     with pytest.raises(ValueError, match="missing"):
-        sup.lookup(union, values, torch.tensor([[4], [0]]))
+        sparse.lookup(union, values, torch.tensor([[4], [0]]))
 
 
 def test_advantage_of_empty_tails_is_zero():
     inf = float("-inf")
-    out = sup.advantage(torch.tensor([inf, -1.0, inf]), torch.tensor([inf, -2.0, -1.0]), beta=2.0)
+    out = sparse.advantage(torch.tensor([inf, -1.0, inf]), torch.tensor([inf, -2.0, -1.0]), beta=2.0)
     assert out[0] == 0 and out[1] == pytest.approx(2.0) and torch.isneginf(out[2])
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from adpa.client import TeacherClient
-from adpa.services import convert
+from adpa import codec
 from adpa.services.launch import ServiceProcess, free_port
-from adpa.services.protocol import ScoreQuery, SupportSpec
+from adpa.protocol import ScoreQuery, SupportSpec
 from adpa.v1 import scoring_pb2_grpc
 
 from .conftest import SERVER_ENV
@@ -25,7 +25,7 @@ HEAVY_RANGES = [(0, 250)] * 64
 
 def heavy_request():
     query = ScoreQuery(sequences=HEAVY, ranges=HEAVY_RANGES, signal="logprobs", support=SupportSpec("topk", k=4))
-    return convert.query_to_pb(query)
+    return codec.query_to_pb(query)
 
 
 @pytest.fixture()
@@ -86,7 +86,7 @@ def test_missed_deadline_is_deadline_exceeded(slow_server):
     with grpc.insecure_channel(f"127.0.0.1:{slow_server.port}") as channel:
         stub = scoring_pb2_grpc.ScorerStub(channel)
         with pytest.raises(grpc.RpcError) as err:
-            stub.Score(convert.query_to_pb(huge), timeout=0.1)
+            stub.Score(codec.query_to_pb(huge), timeout=0.1)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # The server abandons the expired request between micro-batches and answers the next one
     # (the client retries while the abandoned request still holds the only slot).
@@ -104,7 +104,7 @@ def test_sigterm_finishes_running_work_then_exits(slow_server):
 
         def call():
             try:
-                outcome["answer"] = convert.result_from_pb(stub.Score(heavy_request(), timeout=60))
+                outcome["answer"] = codec.result_from_pb(stub.Score(heavy_request(), timeout=60))
             except grpc.RpcError as err:
                 outcome["error"] = err.code()
 

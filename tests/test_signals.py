@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adpa.client import IncompatibleTeacher, TeacherClient
-from adpa.services.protocol import SupportSpec
+from adpa.protocol import SupportSpec
 
 BETA = 0.5
 ATOL = 2e-5

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,8 @@ from adpa.training.cli import RunArguments, run_adpa_plus, run_distill
 from adpa.training.data import load_records
 from adpa.training.distill_config import DistillConfig
 from adpa.training.teacher import LocalTeacher
+
+from .conftest import metric_value
 
 ITEMS = "red blue green cat dog fox one two three".split()
 
@@ -70,9 +70,7 @@ def losses_of(trainer) -> list[float]:
 
 
 def score_requests(server) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics").read().decode()
-    match = re.search(r'adpa_requests_total\{code="OK",method="Score"\} ([0-9.e+]+)', text)
-    return float(match.group(1)) if match else 0.0
+    return metric_value(server.http_port, "adpa_requests_total", transport="grpc", method="Score", code="OK")
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adpa.services.protocol import ScoreResult
+from adpa.protocol import ScoreResult
 
 
 @dataclass

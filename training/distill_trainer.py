@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, SequentialSampler
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from adpa.fingerprint import model_fingerprint
-from adpa.services.protocol import SupportSpec
+from adpa.protocol import SupportSpec
 from adpa.training import losses
 from adpa.training.batch import TeacherSignals, TokenBatch, make_batch
 from adpa.training.data import PreferenceExample

@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from adpa.services import support as sup
+from adpa import sparse
 
 Reduction = Literal["mean", "sum"]
 
@@ -195,7 +195,7 @@ def sparse_kl(
     logq = _student_logprobs(logits)  # (B, T, V)
     logp_support = teacher_values.float().masked_fill(indices < 0, float("-inf"))  # (B, T, m)
     support_term = _kl_terms(logp_support, _gather(logq, indices)).sum(-1)  # (B, T)
-    tail_term = _kl_terms(teacher_tail.float(), sup.log_tail_mass(logq, indices))  # (B, T)
+    tail_term = _kl_terms(teacher_tail.float(), sparse.log_tail_mass(logq, indices))  # (B, T)
     return _reduce(support_term + tail_term, mask, reduction)
 
 
@@ -280,7 +280,7 @@ def sparse_adpa_loss(
     advantage_support = advantage_values.float().masked_fill(indices < 0, 0.0)  # (B, T, m)
     expected_advantage = (q_support * advantage_support).sum(-1)  # (B, T)
     if advantage_tail is not None:
-        log_q_tail = sup.log_tail_mass(logq, indices)  # (B, T)
+        log_q_tail = sparse.log_tail_mass(logq, indices)  # (B, T)
         tail_empty = torch.isneginf(log_q_tail)
         # q_tail = 0 there, and 0 * A_tail must be 0 even when A_tail is -inf (no-reference tail).
         tail_advantage = advantage_tail.float().masked_fill(tail_empty, 0.0)  # (B, T)

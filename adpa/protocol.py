@@ -1,4 +1,8 @@
-"""Domain records of the scoring service, independent of any transport (gRPC, HTTP, Ray Serve)."""
+"""The records of the adpa.v1 contract, independent of any transport (gRPC, HTTP, Ray Serve).
+
+Servers, the client and the trainers all speak in these; `adpa.codec` turns them into protobuf
+messages and back.
+"""
 
 from __future__ import annotations
 
@@ -103,6 +107,7 @@ class ScoreResult:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # include_logprobs tensors
 
 
+# The dtypes values may travel in, and their sizes: the one table of value dtypes.
 VALUE_BYTES = {"FP32": 4, "BF16": 2, "FP16": 2}
 
 

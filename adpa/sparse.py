@@ -1,7 +1,8 @@
 """Sparse supports of a distribution: pure functions on fp32 log-probability rows.
 
-Every function takes `logp` of shape (P, V): log pi(. | s_i) for P scored positions, normalised
-over the full vocabulary. Index tensors use -1 as padding; values at pads are 0.
+Shared by the scoring engine (which builds supports) and the training losses (which read them),
+so a tail bucket means the same thing on both sides. Every function takes `logp` of shape
+(P, V): log pi(. | s_i) for P scored positions, normalised over the full vocabulary. Index tensors use -1 as padding; values at pads are 0.
 """
 
 from __future__ import annotations

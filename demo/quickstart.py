@@ -1,6 +1,6 @@
-"""`adpa demo` (until the full pipeline demo lands): a tiny teacher and reference, served and queried.
+"""`adpa quickstart`: a tiny teacher and reference, served and queried, in about 20 seconds.
 
-Builds two tiny models offline, starts `adpa serve --role reference` and
+Builds two tiny random models offline, starts `adpa serve --role reference` and
 `adpa serve --role teacher --reference grpc://...` on free loopback ports, asks the teacher for
 log-probs and advantages of a chat response with the Python client, prints them, and stops both.
 """
@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from adpa.client import TeacherClient
 from adpa.services.launch import ServiceProcess
-from adpa.services.protocol import SupportSpec
+from adpa.protocol import SupportSpec
 from adpa.tiny_model import make_tiny_model
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,72 @@
+"""Build the scoring service a `ServeConfig` names: load the model(s), connect the reference.
+
+    with open_service(config) as service:
+        frontend = Frontend(service, max_inflight=config.max_inflight)
+        ...
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from adpa.services.config import ServeConfig
+from adpa.services.engine import ScoringEngine
+from adpa.services.reference import LocalReference, ReferenceModel
+from adpa.services.scoring import ScoringService
+
+logger = logging.getLogger(__name__)
+
+
+def load_engine(config: ServeConfig, model: str) -> ScoringEngine:
+    """One model of `config` as a scoring engine, with the config's device, dtype and budgets."""
+    return ScoringEngine.from_pretrained(
+        model,
+        device=config.device,
+        dtype=config.dtype,
+        revision=config.revision,
+        trust_remote_code=config.trust_remote_code,
+        max_seq_len=config.max_seq_len,
+        max_batch_tokens=config.max_batch_tokens,
+        logits_budget_bytes=int(config.logits_budget_mb * (1 << 20)),
+    )
+
+
+def connect_reference(config: ServeConfig) -> ReferenceModel:
+    """A teacher's reference: a remote service (grpc://...) or a second engine in this process."""
+    if config.remote_reference:
+        from adpa.services.grpc.reference import RemoteReference
+
+        token = config.reference_token.get_secret_value() if config.reference_token else None
+        return RemoteReference.connect(config.reference, token=token, max_message_bytes=config.max_message_bytes)
+    logger.info("loading reference model %s in process", config.reference)
+    return LocalReference(load_engine(config, config.reference))
+
+
+def build_service(config: ServeConfig, reference: ReferenceModel | None = None) -> ScoringService:
+    """Load the model a config names and wire it to its reference (`reference` overrides the config's)."""
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    logger.info("loading %s model %s", config.role, config.model)
+    engine = load_engine(config, config.model)
+    if config.role == "teacher" and reference is None:
+        reference = connect_reference(config)
+    try:
+        return ScoringService(engine, role=config.role, reference=reference, beta=config.beta, limits=config.limits())
+    except BaseException:
+        if reference is not None:
+            reference.close()
+        raise
+
+
+@contextmanager
+def open_service(config: ServeConfig, reference: ReferenceModel | None = None) -> Iterator[ScoringService]:
+    """`build_service`, closed (reference connection released) when the block ends."""
+    service = build_service(config, reference)
+    try:
+        yield service
+    finally:
+        service.close()

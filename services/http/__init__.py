@@ -1,0 +1,1 @@
+"""The HTTP transport: probes, model info, Prometheus metrics and JSON scoring (FastAPI)."""

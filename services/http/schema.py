@@ -1,0 +1,159 @@
+"""The JSON side of the adpa.v1 contract: pydantic models that map 1:1 to the records.
+
+FastAPI builds the OpenAPI schema served at /docs from these, so the schema and the records
+cannot drift apart: each model has a `to_record` or `from_record`, and nothing else converts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from adpa.protocol import (
+    Limits,
+    ModelFingerprint,
+    ModelInfo,
+    Role,
+    ScoreQuery,
+    ScoreResult,
+    SignalName,
+    SupportName,
+    SupportSpec,
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SupportJSON(_Strict):
+    """Which tokens an answer covers at each scored position."""
+
+    kind: SupportName = Field("topk", description="topk, indices, sampled or dense")
+    k: int = Field(8, description="TOPK: the teacher's k most probable tokens; INDICES: added to the caller's ids")
+    n: int = Field(0, description="SAMPLED: draws per position")
+    seed: int = Field(0, description="SAMPLED: seed of the draws")
+    temperature: float = Field(1.0, description="SAMPLED: proposal temperature")
+    indices: list[list[int]] | None = Field(None, description="INDICES: [P, m] ids per scored position, -1 pads")
+
+    def to_record(self) -> SupportSpec:
+        indices = None
+        if self.indices is not None:
+            width = max((len(r) for r in self.indices), default=0)
+            padded = [r + [-1] * (width - len(r)) for r in self.indices]
+            indices = torch.tensor(padded, dtype=torch.long).reshape(len(padded), width)
+        return SupportSpec(self.kind, k=self.k, n=self.n, seed=self.seed, temperature=self.temperature,
+                           indices=indices)
+
+
+class ScoreRequestJSON(_Strict):
+    """A scoring request (`ScoreQuery`); answers are FP32 JSON numbers."""
+
+    sequences: list[list[int]] = Field(description="token ids of each sequence")
+    ranges: list[tuple[int, int]] | None = Field(
+        None, description="[start, end) positions to score per sequence (default: all positions)"
+    )
+    signal: SignalName = "logprobs"
+    support: SupportJSON = SupportJSON()
+    include_logprobs: bool = Field(False, description="ADVANTAGE: also return both models' log-probs")
+    request_id: str = ""
+
+    def to_record(self) -> ScoreQuery:
+        return ScoreQuery(
+            sequences=[torch.tensor(s, dtype=torch.long) for s in self.sequences],
+            ranges=self.ranges or [(0, len(s)) for s in self.sequences],
+            signal=self.signal,
+            support=self.support.to_record(),
+            include_logprobs=self.include_logprobs,
+            request_id=self.request_id,
+        )
+
+
+class FingerprintJSON(_Strict):
+    model_name: str
+    model_hash: str
+    tokenizer_hash: str
+    vocab_size: int
+    dtype: str
+    max_seq_len: int
+
+    @classmethod
+    def from_record(cls, fp: ModelFingerprint | None) -> FingerprintJSON | None:
+        return None if fp is None else cls(**dataclasses.asdict(fp))
+
+
+class LimitsJSON(_Strict):
+    max_k: int
+    max_samples: int
+    max_indices: int
+    max_positions: int
+    max_dense_positions: int
+    max_message_bytes: int
+
+    @classmethod
+    def from_record(cls, limits: Limits) -> LimitsJSON:
+        return cls(**dataclasses.asdict(limits))
+
+
+class ModelInfoJSON(_Strict):
+    """The handshake: fingerprints, beta and limits (`ModelInfo`)."""
+
+    role: Role
+    model: FingerprintJSON
+    reference: FingerprintJSON | None
+    beta: float
+    server_version: str
+    limits: LimitsJSON
+
+    @classmethod
+    def from_record(cls, info: ModelInfo) -> ModelInfoJSON:
+        return cls(
+            role=info.role, model=FingerprintJSON.from_record(info.model),
+            reference=FingerprintJSON.from_record(info.reference), beta=info.beta,
+            server_version=info.server_version, limits=LimitsJSON.from_record(info.limits),
+        )
+
+
+Rows = list[list[float | None]]
+
+
+class ScoreResponseJSON(_Strict):
+    """An answer (`ScoreResult`): per-position rows in request order; -inf and NaN become null."""
+
+    request_id: str
+    signal: SignalName
+    support: SupportName
+    model: FingerprintJSON
+    reference: FingerprintJSON | None
+    indices: list[list[int]] | None = Field(description="[P, m] token ids, -1 pads; null for dense")
+    values: Rows = Field(description="[P, m] (or [P, V]) log-probs or advantages")
+    tail: list[float | None] | None = Field(description="[P] log tail mass, or the tail bucket's advantage")
+    weights: Rows | None = Field(None, description="SAMPLED: [P, n] importance weights")
+    logprobs: Rows | None = None
+    reference_logprobs: Rows | None = None
+    tail_logprobs: list[float | None] | None = None
+    reference_tail_logprobs: list[float | None] | None = None
+
+    @classmethod
+    def from_record(cls, result: ScoreResult, request_id: str) -> ScoreResponseJSON:
+        return cls(
+            request_id=request_id, signal=result.signal, support=result.support,
+            model=FingerprintJSON.from_record(result.model), reference=FingerprintJSON.from_record(result.reference),
+            indices=None if result.indices is None else result.indices.tolist(),
+            values=_floats(result.values), tail=_floats(result.tail), weights=_floats(result.weights),
+            **{name: _floats(t) for name, t in result.extras.items()},
+        )
+
+
+def _floats(tensor: torch.Tensor | None) -> list | None:
+    """fp32 tensor -> nested lists, non-finite values as None (JSON has no infinity)."""
+    if tensor is None:
+        return None
+
+    def clean(x):
+        return [clean(v) for v in x] if isinstance(x, list) else (x if math.isfinite(x) else None)
+
+    return clean(tensor.float().tolist())
