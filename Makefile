@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# The whole suite, with its 20 slowest tests listed; `pytest -m "not slow"` is the quick inner loop.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 demo: $(STAMP)
 	$(BIN)/adpa demo

@@ -15,6 +15,16 @@ torch.set_num_threads(1)
 SERVER_ENV = {"OMP_NUM_THREADS": "1", "ADPA_TORCH_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+# Tests that need one of these start server processes: they are `slow` (see `pytest -m "not slow"`).
+SERVER_FIXTURES = {"reference_server", "teacher_server", "local_teacher_server", "auth_server", "slow_server"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from adpa.cli import build_parser
+from adpa.cli import build_parser, main
 from adpa.config import settings_from_args
 from adpa.services.config import ServeConfig
 
@@ -58,23 +59,29 @@ def test_unknown_yaml_key_is_rejected(tmp_path):
         load(["--config", str(config)])
 
 
-def test_cli_reports_bad_config_without_traceback():
-    proc = subprocess.run(
-        [sys.executable, "-m", "adpa.cli", "serve", "--role", "teacher", "--model", "m"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 2
-    assert "needs reference" in proc.stderr and "Traceback" not in proc.stderr
+def test_cli_reports_bad_config_without_traceback(capsys):
+    assert main(["serve", "--role", "teacher", "--model", "m"]) == 2
+    err = capsys.readouterr().err
+    assert "needs reference" in err and "Traceback" not in err
 
 
-def test_help_lists_every_setting():
-    proc = subprocess.run([sys.executable, "-m", "adpa.cli", "serve", "--help"], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
     for name in ServeConfig.model_fields:
-        assert "--" + name.replace("_", "-") in proc.stdout
+        assert "--" + name.replace("_", "-") in out
 
 
+def test_the_console_script_runs():
+    """The one subprocess here: the installed `adpa` entry point starts and answers --version."""
+    adpa = Path(sys.executable).with_name("adpa")
+    proc = subprocess.run([str(adpa), "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("adpa ")
+
+
+@pytest.mark.slow
 def test_teacher_refuses_a_reference_with_another_tokenizer(teacher_path, other_tokenizer_path, tmp_path):
     from adpa.services.launch import ServiceProcess
 
