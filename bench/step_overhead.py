@@ -28,7 +28,7 @@ import transformers
 from adpa.demo.world import WORDS, World, WorldConfig
 from adpa.services.launch import ServiceProcess
 from adpa.tiny_model import make_tiny_model
-from adpa.training.cli import run_distill
+from adpa.training.run import run_distill
 from adpa.training.distill_config import DistillConfig
 from adpa.training.teacher import LocalTeacher
 

@@ -105,7 +105,7 @@ class DemoRun:
             trainer = _stage0("sft" if method.method == "seqkd" else method.method, str(self.student_sft), data, out,
                               stage, seed)
         else:
-            from adpa.training.cli import RunArguments, run_adpa_plus, run_distill
+            from adpa.training.run import RunArguments, run_adpa_plus, run_distill
             from adpa.training.distill_config import DistillConfig
 
             plus = method.method == "adpa-plus"

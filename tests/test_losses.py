@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from adpa.training import losses
+from adpa.training.batch import TeacherSignals, TokenBatch
+from adpa.training.methods import COMMON_DEFAULTS, METHODS, LossInputs, Scored, get_method
 
 B, T, V, M = 2, 5, 11, 6  # batch, positions, vocabulary, support width (with pads)
 BETA, GAMMA = 0.5, 1.3
@@ -324,20 +326,22 @@ def test_identical_distributions_give_zero_kl():
     assert grad(sparse, logits).abs().max().item() < 1e-6
 
 
-def test_vanilla_kd_is_dense_or_sparse_kl_on_the_chosen_response():
+def test_kl_loss_is_dense_or_sparse_kl_by_the_signal_it_gets():
     logits, teacher, indices = random_logits(23), random_logprobs(24), random_support(25)
     values, tail = on_support(teacher, indices), log_tail(teacher, indices)
-    assert losses.vanilla_kd_loss(None, teacher, None, logits, MASK).item() == pytest.approx(
+    assert losses.kl_loss(None, teacher, None, logits, MASK).item() == pytest.approx(
         losses.dense_kl(teacher, logits, MASK).item())
-    assert losses.vanilla_kd_loss(indices, values, tail, logits, MASK).item() == pytest.approx(
+    assert losses.kl_loss(indices, values, tail, logits, MASK).item() == pytest.approx(
         losses.sparse_kl(indices, values, tail, logits, MASK).item())
+    with pytest.raises(ValueError, match="tail"):
+        losses.kl_loss(indices, values, None, logits, MASK)
 
 
 def test_dckd_composes_sft_and_both_kls():
     sft, kl_w, kl_l = torch.tensor(2.0), torch.tensor(0.3), torch.tensor(0.5)
     assert losses.dckd_loss(sft, kl_w, kl_l, alpha=0.1).item() == pytest.approx(2.0 + 0.1 * 0.8)
     assert losses.dckd_loss(sft, kl_w, None, alpha=0.1).item() == pytest.approx(2.0 + 0.1 * 0.3)
-    assert losses.dckd_without_rejected_loss(sft, kl_w, alpha=0.1).item() == pytest.approx(2.0 + 0.1 * 0.3)
+    assert losses.dckd_loss(sft, kl_w, kl_l, alpha=0.1, sft_weight=0.5).item() == pytest.approx(1.0 + 0.1 * 0.8)
 
 
 # -- ADPA -------------------------------------------------------------------------------------
@@ -471,15 +475,16 @@ def test_release_adpa_loss_has_no_tail_bucket(reduction):
     logits, indices = random_logits(43), random_support(44)
     teacher, reference = random_logprobs(45), random_logprobs(46)
     advantage = losses.release_advantage(on_support(teacher, indices), on_support(reference, indices))
-    got = losses.release_adpa_loss(indices, advantage, logits, MASK, reduction=reduction)
+    release_gamma = get_method("adpa-release").default("gamma")
+    got = losses.release_adpa_loss(indices, advantage, logits, MASK, gamma=release_gamma, reduction=reduction)
     per_position = []
     for b, t in SCORED:
         logq = ref_log_softmax(logits[b, t])
         per_position.append(sum(
             torch.exp(logq[a]) * advantage[b, t, j] for j, a in enumerate(indices[b, t].tolist()) if a >= 0
         ))
-    expected = -losses.RELEASE_GAMMA * ref_reduce(per_position, reduction)
-    assert losses.RELEASE_GAMMA == 1.6
+    expected = -release_gamma * ref_reduce(per_position, reduction)
+    assert release_gamma == 1.6
     assert got.item() == pytest.approx(expected.item(), abs=ATOL)
     assert torch.allclose(grad(got, logits), grad(expected, logits).float(), atol=ATOL)
 
@@ -556,7 +561,7 @@ GRID_LOSSES = {
     "sparse_adpa": lambda s, z, r: losses.sparse_adpa_loss(
         s["indices"], s["advantage_values"], s["advantage_tail"], z, MASK, GAMMA, r),
     "release_adpa": lambda s, z, r: losses.release_adpa_loss(
-        s["indices"], losses.release_advantage(s["advantage_values"] / BETA), z, MASK, reduction=r),
+        s["indices"], losses.release_advantage(s["advantage_values"] / BETA), z, MASK, gamma=GAMMA, reduction=r),
     "q_argmax_kd": lambda s, z, r: losses.q_argmax_kd_loss(s["indices"], s["advantage_values"], z, MASK, r),
     "q_softmax_kd": lambda s, z, r: losses.q_softmax_kd_loss(s["indices"], s["advantage_values"], z, MASK, reduction=r),
 }
@@ -599,15 +604,145 @@ def test_no_nan_even_in_intermediate_gradients():
         grad(losses.sparse_adpa_loss(indices, values, torch.full((B, T), float("-inf")), logits, MASK, GAMMA), logits)
 
 
-# -- registry ---------------------------------------------------------------------------------
+# -- method specs: the registry, and each method's loss as composed from the functions above ---
 
 
-def test_registry_returns_the_functions_and_lists_valid_names_for_an_unknown_one():
-    assert losses.get_loss("sparse_adpa") is losses.sparse_adpa_loss
-    assert losses.get_loss("dckd") is losses.dckd_loss
+def test_registry_lists_valid_names_for_an_unknown_method():
+    assert get_method("adpa").name == "adpa"
     with pytest.raises(ValueError) as error:
-        losses.get_loss("adpa++")
+        get_method("adpa++")
     message = str(error.value)
     assert "adpa++" in message
-    for name in losses.LOSSES:
+    for name in METHODS:
         assert name in message
+
+
+def test_method_specs_declare_what_they_ask_and_their_defaults():
+    assert set(METHODS) == {"dckd", "dckd-no-rejected", "vanilla-kd", "adpa", "adpa-no-ref", "adpa-release",
+                            "q-argmax", "q-softmax"}
+    assert {name: (spec.signal, spec.sides) for name, spec in METHODS.items()} == {
+        "dckd": ("logprobs", "pair"),
+        "dckd-no-rejected": ("logprobs", "chosen"),
+        "vanilla-kd": ("logprobs", "chosen"),
+        "adpa": ("advantage", "samples"),
+        "adpa-no-ref": ("logprobs", "samples"),
+        "adpa-release": ("advantage", "samples"),
+        "q-argmax": ("advantage", "samples"),
+        "q-softmax": ("advantage", "samples"),
+    }
+    release = get_method("adpa-release")
+    assert (release.default("gamma"), release.default("support_k"), release.supports) == (1.6, 50, ("topk",))
+    assert (get_method("adpa").default("gamma"), get_method("adpa").default("support_k")) == (1.0, 32)
+    assert COMMON_DEFAULTS == {"gamma": 1.0, "support_k": 32}
+
+
+def grid_batch(labels: torch.Tensor) -> TokenBatch:
+    """A TokenBatch with only what a loss reads: targets and the scored mask."""
+    return TokenBatch(input_ids=labels, attention_mask=torch.ones_like(labels), targets=labels, mask=MASK, ranges=[])
+
+
+def sparse_logprob_signals(seed: int) -> TeacherSignals:
+    indices = random_support(seed)
+    teacher = random_logprobs(seed + 1)
+    return TeacherSignals("logprobs", indices, on_support(teacher, indices), log_tail(teacher, indices))
+
+
+def sample_inputs(seed: int, signals: TeacherSignals, **settings) -> LossInputs:
+    labels = torch.randint(0, V, (B, T), generator=generator(seed))
+    chosen = Scored(grid_batch(labels), random_logits(seed + 1), None)
+    other = Scored(grid_batch(labels), random_logits(seed + 2), signals)
+    return LossInputs(chosen, other, **{"gamma": GAMMA, "beta": BETA, **settings})
+
+
+@pytest.mark.parametrize("name", ["dckd", "dckd-no-rejected", "vanilla-kd"])
+def test_kl_methods_compose_sft_and_kl_per_side(name):
+    labels = torch.randint(0, V, (B, T), generator=generator(70))
+    chosen = Scored(grid_batch(labels), random_logits(71), sparse_logprob_signals(72))
+    rejected = Scored(grid_batch(labels), random_logits(73), sparse_logprob_signals(74))
+    spec = get_method(name)
+    x = LossInputs(chosen, rejected if spec.sides == "pair" else None, alpha=0.3, sft_weight=0.7)
+    loss, parts = spec.loss(x)
+    assert tuple(parts) == spec.parts
+
+    def kl(side):
+        s = side.signals
+        return losses.sparse_kl(s.indices, s.values, s.tail, side.logits, MASK)
+
+    sft = losses.sft_loss(chosen.logits, labels, MASK)
+    expected = {"dckd": 0.7 * sft + 0.3 * (kl(chosen) + kl(rejected)),
+                "dckd-no-rejected": 0.7 * sft + 0.3 * kl(chosen),
+                "vanilla-kd": kl(chosen)}[name]
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert parts["sft"].item() == pytest.approx(sft.item(), abs=1e-6)
+    assert torch.allclose(grad(loss, chosen.logits), grad(expected, chosen.logits), atol=1e-7)
+
+
+def test_adpa_method_on_a_sparse_and_a_dense_support():
+    indices = random_support(75)
+    dense_advantage, values, tail = advantage_signals(76, indices)
+    x = sample_inputs(77, TeacherSignals("advantage", indices, values, tail), sft_weight=0.5)
+    loss, parts = get_method("adpa").loss(x)
+    term = losses.sparse_adpa_loss(indices, values, tail, x.other.logits, MASK, gamma=GAMMA)
+    sft = losses.sft_loss(x.chosen.logits, x.chosen.batch.targets, MASK)
+    assert tuple(parts) == ("sft", "advantage_term")
+    assert parts["advantage_term"].item() == pytest.approx(term.item(), abs=1e-6)
+    assert loss.item() == pytest.approx((0.5 * sft + term).item(), abs=1e-6)
+
+    dense = sample_inputs(77, TeacherSignals("advantage", None, dense_advantage, None))
+    _, parts = get_method("adpa").loss(dense)
+    expected = losses.dense_adpa_loss(dense_advantage, dense.other.logits, MASK, gamma=GAMMA)
+    assert parts["advantage_term"].item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_adpa_no_ref_uses_beta_times_the_teachers_logprobs():
+    signals = sparse_logprob_signals(78)
+    x = sample_inputs(79, signals)
+    _, parts = get_method("adpa-no-ref").loss(x)
+    expected = losses.sparse_adpa_loss(signals.indices, BETA * signals.values, BETA * signals.tail, x.other.logits,
+                                       MASK, gamma=GAMMA)
+    assert parts["advantage_term"].item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_adpa_release_method_clamps_the_unscaled_advantage_and_drops_the_tail():
+    indices = random_support(80)
+    _, values, tail = advantage_signals(81, indices)
+    x = sample_inputs(82, TeacherSignals("advantage", indices, values, tail))
+    _, parts = get_method("adpa-release").loss(x)
+    per_position = []
+    for b, t in SCORED:
+        logq = ref_log_softmax(x.other.logits[b, t])
+        per_position.append(sum(torch.exp(logq[a]) * min(max(float(values[b, t, j]) / BETA, 1e-8), 1.0)
+                                for j, a in enumerate(indices[b, t].tolist()) if a >= 0))
+    expected = -GAMMA * ref_reduce(per_position, "mean")
+    assert parts["advantage_term"].item() == pytest.approx(expected.item(), abs=ATOL)
+
+
+@pytest.mark.parametrize("name, loss_fn", [("q-argmax", losses.q_argmax_kd_loss),
+                                           ("q-softmax", losses.q_softmax_kd_loss)])
+def test_q_methods_scale_their_term_by_gamma_and_read_a_dense_answer_as_the_whole_vocabulary(name, loss_fn):
+    indices = random_support(83)
+    dense_advantage, values, tail = advantage_signals(84, indices)
+    x = sample_inputs(85, TeacherSignals("advantage", indices, values, tail))
+    _, parts = get_method(name).loss(x)
+    assert parts["advantage_term"].item() == pytest.approx(
+        GAMMA * loss_fn(indices, values, x.other.logits, MASK).item(), abs=1e-6)
+    dense = sample_inputs(85, TeacherSignals("advantage", None, dense_advantage, None))
+    _, parts = get_method(name).loss(dense)
+    vocabulary = torch.arange(V).expand(B, T, V)
+    assert parts["advantage_term"].item() == pytest.approx(
+        GAMMA * loss_fn(vocabulary, dense_advantage, dense.other.logits, MASK).item(), abs=1e-6)
+
+
+def test_support_floor_applies_where_the_teacher_sent_both_models_logprobs():
+    indices = random_support(86)
+    teacher, reference = random_logprobs(87), random_logprobs(88)
+    values = BETA * (on_support(teacher, indices) - on_support(reference, indices))
+    tail = BETA * (log_tail(teacher, indices) - log_tail(reference, indices))
+    signals = TeacherSignals("advantage", indices, values, tail, logprobs=on_support(teacher, indices),
+                             reference_logprobs=on_support(reference, indices))
+    x = sample_inputs(89, signals, support_floor=0.05, floor_penalty=-3.0)
+    _, parts = get_method("adpa").loss(x)
+    floored = losses.support_floor(values, signals.logprobs, signals.reference_logprobs, floor=0.05, penalty=-3.0)
+    assert not torch.equal(floored, values)  # the floor changes something here
+    expected = losses.sparse_adpa_loss(indices, floored, tail, x.other.logits, MASK, gamma=GAMMA)
+    assert parts["advantage_term"].item() == pytest.approx(expected.item(), abs=1e-6)

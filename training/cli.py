@@ -9,41 +9,20 @@
     adpa eval --model runs/adpa --prompts data/test.jsonl --reward mypkg.rewards:score --out runs/adpa/eval.json
 
 Every field of the method's config is a flag (`--name value`) and a key of the `--config` YAML
-file; flags win over the file. `adpa train METHOD --help` lists them.
+file; flags win over the file. `adpa train METHOD --help` lists them. This module only parses
+arguments; what a run does is `adpa.training.run` (`train`, `run_distill`, `run_adpa_plus`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
 
-from adpa.training.distill_config import METHODS, DistillConfig
+from adpa.training.run import DISTILL, STAGE0, RunArguments, config_class, train
 
 logger = logging.getLogger(__name__)
-
-STAGE0 = {
-    "sft": "supervised fine-tuning (TRL SFTTrainer): pi_ref, the student init, or the SFT baseline",
-    "dpo": "DPO (TRL DPOTrainer): the teacher pi_dpo, or the student DPO baseline",
-    "simpo": "SimPO (TRL CPOTrainer, loss_type=simpo): student baseline",
-    "seqkd": "SeqKD: SFT on the teacher's greedy generations (needs --teacher_model)",
-}
-DISTILL = {**{name: desc for name, (_, _, desc) in METHODS.items()}, "adpa-plus": "DCKD, then ADPA from its checkpoint"}
-
-
-@dataclass
-class RunArguments:
-    model: str = field(metadata={"help": "model to train: a local folder or hub id"})
-    dataset: str = field(metadata={"help": "training records: a .jsonl/.json/.parquet file or a hub dataset name"})
-    dataset_split: str = field(default="train", metadata={"help": "split of a hub dataset"})
-    max_records: int | None = field(default=None, metadata={"help": "use only the first N records"})
-    teacher_model: str | None = field(default=None, metadata={"help": "seqkd: the teacher model that generates"})
-    plus_dckd_steps: int | None = field(
-        default=None, metadata={"help": "adpa-plus: max steps of the DCKD stage (default: as many as ADPA's)"}
-    )
 
 
 def _usage() -> str:
@@ -54,6 +33,7 @@ def _usage() -> str:
 
 
 def train_main(argv: list[str]) -> int:
+    """`adpa train METHOD ...`: parse the run's arguments and the method's config, then `run.train`."""
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -63,88 +43,23 @@ def train_main(argv: list[str]) -> int:
         return 2
     from trl import TrlParser
 
-    from adpa.training import stage0
-
-    if method in STAGE0:
-        config_cls = {"sft": stage0.SFTConfig, "dpo": stage0.DPOConfig, "simpo": stage0.CPOConfig,
-                      "seqkd": stage0.SFTConfig}[method]
-        if method == "simpo" and "--loss_type" not in rest:
-            rest = ["--loss_type", "simpo", "--cpo_alpha", "0", *rest]
-    else:
-        config_cls = DistillConfig
+    if method == "simpo" and "--loss_type" not in rest:
+        rest = ["--loss_type", "simpo", "--cpo_alpha", "0", *rest]
+    elif method in DISTILL:
         rest = ["--method", "adpa" if method == "adpa-plus" else method, *rest]
-    parser = TrlParser((RunArguments, config_cls), prog=f"adpa train {method}")
+    parser = TrlParser((RunArguments, config_class(method)), prog=f"adpa train {method}")
     try:
         run, config = parser.parse_args_and_config(rest)
     except ValueError as err:  # a config's own checks (__post_init__)
         print(f"adpa train {method}: {err}", file=sys.stderr)
         return 2
+    if method == "seqkd" and not run.teacher_model:
+        print("adpa train seqkd: --teacher_model is required", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    records = _load(run)
-    if method == "sft":
-        stage0.train_sft(run.model, records, config)
-    elif method == "dpo":
-        stage0.train_dpo(run.model, records, config)
-    elif method == "simpo":
-        stage0.train_simpo(run.model, records, config)
-    elif method == "seqkd":
-        if not run.teacher_model:
-            print("adpa train seqkd: --teacher_model is required", file=sys.stderr)
-            return 2
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(run.model)
-        stage0.train_sft(run.model, stage0.teacher_generations(run.teacher_model, records, tokenizer), config)
-    elif method == "adpa-plus":
-        run_adpa_plus(run, config, records)
-    else:
-        run_distill(run.model, config, records)
+    train(method, run, config)
     logger.info("saved to %s", config.output_dir)
     return 0
-
-
-def _load(run: RunArguments):
-    from adpa.training.data import load_records
-
-    records = load_records(run.dataset, run.dataset_split)
-    if run.max_records is not None:
-        records = records.select(range(min(run.max_records, len(records))))
-    return records
-
-
-def run_distill(model_path: str, config: DistillConfig, records, teacher=None, *, silent: bool = False):
-    """Train `model_path` with a distillation config; returns the trainer (model saved to output_dir)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from adpa.training.data import tokenize_preferences
-    from adpa.training.distill_trainer import DistillTrainer
-    from adpa.training.teacher import connect_teacher
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    examples = tokenize_preferences(records, tokenizer, max_length=config.max_length)
-    teacher = teacher or connect_teacher(
-        config.teacher, reference=config.reference, beta=config.beta, token=config.teacher_token
-    )
-    trainer = DistillTrainer(model, config, examples, tokenizer, teacher)
-    if silent:
-        from adpa.training.stage0 import quiet
-
-        quiet(trainer)
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
-    return trainer
-
-
-def run_adpa_plus(run: RunArguments, config: DistillConfig, records, teacher=None, *, silent: bool = False):
-    """ADPA+: DCKD into OUTPUT/dckd, then ADPA from that checkpoint into OUTPUT."""
-    dckd = dataclasses.replace(
-        config, method="dckd", output_dir=f"{config.output_dir}/dckd",
-        max_steps=run.plus_dckd_steps if run.plus_dckd_steps is not None else config.max_steps,
-        support="topk" if config.support == "indices" else config.support, resume_from_checkpoint=None,
-    )
-    run_distill(run.model, dckd, records, teacher, silent=silent)
-    return run_distill(dckd.output_dir, config, records, teacher, silent=silent)
 
 
 def eval_main(argv: list[str]) -> int:

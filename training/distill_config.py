@@ -6,17 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-# method -> (teacher signal, data the loss reads, short description)
-METHODS: dict[str, tuple[str, str, str]] = {
-    "dckd": ("logprobs", "pairs", "SFT(y_w) + alpha * (KL(pi_dpo || pi_theta) on y_w + on y_l)"),
-    "dckd-no-rejected": ("logprobs", "pairs", "SFT(y_w) + alpha * KL on y_w only (ablation)"),
-    "vanilla-kd": ("logprobs", "pairs", "KL(pi_dpo || pi_theta) on y_w, no SFT term"),
-    "adpa": ("advantage", "samples", "SFT(y_w) - gamma * E_t sum_a pi_theta(a) A(a) on student samples"),
-    "adpa-no-ref": ("logprobs", "samples", "ADPA with A = beta * log pi_dpo (ablation: no reference)"),
-    "adpa-release": ("advantage", "samples", "the paper release: A clamped to [1e-8, 1], no beta, top-50, gamma 1.6"),
-    "q-argmax": ("advantage", "samples", "SFT(y_w) + CE to argmax_a A(a) on samples"),
-    "q-softmax": ("advantage", "samples", "SFT(y_w) + KL(softmax(A) || pi_theta) on samples"),
-}
+from adpa.training.methods import COMMON_DEFAULTS, METHODS, SUPPORTS, MethodSpec, default_note, get_method
 
 
 @dataclass
@@ -36,10 +26,10 @@ class DistillConfig(TrainingArguments):
     teacher_token: str | None = field(default=None, metadata={"help": "bearer token for the teacher service"})
     beta: float = field(default=0.1, metadata={"help": "advantage scale of a local teacher (a service reports its own)"})
     alpha: float = field(default=0.1, metadata={"help": "DCKD: weight of each KL term"})
-    gamma: float | None = field(default=None, metadata={"help": "ADPA: weight of the advantage term (default 1.0; 1.6 for adpa-release)"})
+    gamma: float | None = field(default=None, metadata={"help": f"ADPA: weight of the advantage term ({default_note('gamma')})"})
     sft_weight: float = field(default=1.0, metadata={"help": "weight of the SFT term on y_w"})
     support: str = field(default="topk", metadata={"help": "teacher support: topk, indices (student top-k + sampled token + teacher top-k), or dense"})
-    support_k: int | None = field(default=None, metadata={"help": "teacher top-k (default 32; 50 for adpa-release)"})
+    support_k: int | None = field(default=None, metadata={"help": f"teacher top-k ({default_note('support_k')})"})
     student_k: int = field(default=8, metadata={"help": "support=indices: the student's own top-k added per position"})
     value_dtype: str = field(default="FP32", metadata={"help": "dtype of signal values on the wire: FP32, BF16, FP16"})
     loss_reduction: str = field(default="mean", metadata={"help": "mean: per-token mean over the micro-batch's scored positions; sum: their sum"})
@@ -58,15 +48,12 @@ class DistillConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
-        release = self.method == "adpa-release"
-        self.gamma = self.gamma if self.gamma is not None else (1.6 if release else 1.0)
-        self.support_k = self.support_k if self.support_k is not None else (50 if release else 32)
-        if release and self.support != "topk":
-            raise ValueError(f"adpa-release uses the teacher's top-k only; got support={self.support!r}")
+        spec = get_method(self.method)  # an unknown method: ValueError listing the valid ones
+        for name in COMMON_DEFAULTS:  # the method's defaults, where the field was left unset
+            if getattr(self, name) is None:
+                setattr(self, name, spec.default(name))
         choices = {
-            "support": ("topk", "indices", "dense"),
+            "support": SUPPORTS,
             "value_dtype": ("FP32", "BF16", "FP16"),
             "loss_reduction": ("mean", "sum"),
             "rollout": ("offline", "online"),
@@ -74,6 +61,8 @@ class DistillConfig(TrainingArguments):
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {list(valid)}, got {getattr(self, name)!r}")
+        if self.support not in spec.supports:
+            raise ValueError(f"{self.method} accepts support {list(spec.supports)} only; got support={self.support!r}")
         if self.prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
         if self.support_k < 0 or self.student_k < 0:
@@ -88,9 +77,6 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"support_floor must be in (0, 1), got {self.support_floor}")
 
     @property
-    def signal(self) -> str:
-        return METHODS[self.method][0]
-
-    @property
-    def uses_samples(self) -> bool:
-        return METHODS[self.method][1] == "samples"
+    def method_spec(self) -> MethodSpec:
+        """The method's entry in the registry (training/methods.py)."""
+        return get_method(self.method)

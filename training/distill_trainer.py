@@ -1,8 +1,10 @@
 """DistillTrainer: DCKD, ADPA and their variants on `transformers.Trainer`.
 
-Teacher signals come from a `Teacher` (the gRPC client, or the same service in process) and are
-fetched `prefetch` micro-batches ahead on a worker thread, so the RPC overlaps training. The
-loss functions themselves live in `losses.py`; `compute_loss` only runs forwards and calls them.
+What a method asks the teacher for and how its loss is made is its `MethodSpec` (methods.py);
+this trainer reads the spec and never the method's name. Teacher signals come from a `Teacher`
+(the gRPC client, or the same service in process) and are fetched `prefetch` micro-batches ahead
+on a worker thread, so the RPC overlaps training. `compute_loss` runs the student's forwards,
+calls the spec's loss and logs its named parts.
 
 Micro-batches are planned up front (a seeded shuffle of the records), and the DataLoader hands
 out plan item numbers; that is what lets the prefetcher know what comes next, and what keeps
@@ -25,10 +27,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from adpa.fingerprint import model_fingerprint
 from adpa.protocol import SupportSpec
-from adpa.training import losses
 from adpa.training.batch import TeacherSignals, TokenBatch, make_batch
 from adpa.training.data import PreferenceExample
 from adpa.training.distill_config import DistillConfig
+from adpa.training.methods import LossInputs, Scored
 from adpa.training.prefetch import Prefetcher
 from adpa.training.rollout import generate_responses
 from adpa.training.teacher import Teacher
@@ -41,16 +43,16 @@ class Staged:
     """A micro-batch's token batches, before the teacher has been asked."""
 
     chosen: TokenBatch
-    other: TokenBatch  # y_l for pair methods, the student samples y_hat for sample methods
+    other: TokenBatch | None  # y_l (sides "pair"), the student samples y_hat ("samples"), None ("chosen")
     indices: torch.Tensor | None = None  # support=indices: (P, m) ids the student asks for
 
 
 @dataclass
 class Prepared:
     chosen: TokenBatch
-    other: TokenBatch
-    chosen_signals: TeacherSignals | None  # pair methods only
-    other_signals: TeacherSignals | None  # None where only y_w is distilled
+    other: TokenBatch | None
+    chosen_signals: TeacherSignals | None  # None where the teacher did not score y_w (sample methods)
+    other_signals: TeacherSignals | None  # None where the teacher scored y_w only
 
 
 class _PlanItems(Dataset):
@@ -96,9 +98,10 @@ class DistillTrainer(Trainer):
             model=model, args=args, train_dataset=_PlanItems(len(self.plan)), data_collator=_collate,
             processing_class=tokenizer, **kwargs,
         )
+        self.spec = args.method_spec
         self.teacher = teacher
         self.teacher_info = teacher.check_compatible(tokenizer, model.get_output_embeddings().weight.shape[0])
-        if args.signal == "advantage" and self.teacher_info.role != "teacher":
+        if self.spec.signal == "advantage" and self.teacher_info.role != "teacher":
             raise ValueError(f"method {args.method} needs advantages: point --teacher at a teacher, not a reference")
         # A reference service reports beta 0; adpa-no-ref against one uses the config's beta.
         self.beta = self.teacher_info.beta if self.teacher_info.role == "teacher" else args.beta
@@ -160,7 +163,9 @@ class DistillTrainer(Trainer):
         records = [self.records[i] for i in self.plan[j]]
         prompts = [r.prompt for r in records]
         chosen = make_batch(prompts, [r.chosen for r in records], self.pad_id)
-        if not self.args.uses_samples:
+        if self.spec.sides == "chosen":
+            return Staged(chosen, None)
+        if self.spec.sides == "pair":
             return Staged(chosen, make_batch(prompts, [r.rejected for r in records], self.pad_id))
         if self.args.rollout == "offline":
             samples = [self._offline_samples()[i] for i in self.plan[j]]
@@ -197,28 +202,16 @@ class DistillTrainer(Trainer):
         if path is not None and path.exists():
             cached = torch.load(path, weights_only=False)
             return Prepared(staged.chosen, staged.other, cached["chosen"], cached["other"])
-        a = self.args
-        include = a.support_floor is not None and a.signal == "advantage"
-        if a.uses_samples:
-            answer = self.teacher.score(
-                staged.other.sequences, staged.other.ranges, signal=a.signal, support=self._support(staged.indices),
-                value_dtype=a.value_dtype, include_logprobs=include,
-            )
-            chosen_signals, other_signals = None, TeacherSignals.from_result(answer, staged.other)
-        elif a.method != "dckd":  # only y_w is distilled
-            answer = self.teacher.score(
-                staged.chosen.sequences, staged.chosen.ranges, signal="logprobs", support=self._support(None),
-                value_dtype=a.value_dtype,
-            )
-            chosen_signals, other_signals = TeacherSignals.from_result(answer, staged.chosen), None
-        else:
-            # y_w and y_l in one request.
-            sequences = staged.chosen.sequences + staged.other.sequences
-            answer = self.teacher.score(
-                sequences, staged.chosen.ranges + staged.other.ranges, signal="logprobs",
-                support=self._support(None), value_dtype=a.value_dtype,
-            )
-            chosen_signals, other_signals = _split_signals(answer, staged.chosen, staged.other)
+        a, spec = self.args, self.spec
+        # One request for everything the method sends (y_w and y_l together for "pair").
+        batches = {name: getattr(staged, name) for name in spec.teacher_batches}
+        answer = self.teacher.score(
+            [seq for b in batches.values() for seq in b.sequences], [r for b in batches.values() for r in b.ranges],
+            signal=spec.signal, support=self._support(staged.indices), value_dtype=a.value_dtype,
+            include_logprobs=a.support_floor is not None and spec.signal == "advantage",
+        )
+        signals = dict(zip(batches, _split_signals(answer, list(batches.values()))))
+        chosen_signals, other_signals = signals.get("chosen"), signals.get("other")
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"chosen": chosen_signals, "other": other_signals}, path)
@@ -235,57 +228,15 @@ class DistillTrainer(Trainer):
         prepared = self.prefetcher.get(int(inputs["item"][0]))
         device = next(model.parameters()).device
         a = self.args
-        chosen = prepared.chosen.to(device)
-        logits = model(input_ids=chosen.input_ids, attention_mask=chosen.attention_mask).logits
-        sft = losses.sft_loss(logits, chosen.targets, chosen.mask, reduction=a.loss_reduction)
-        parts = {"sft": sft}
-        if a.method in ("dckd", "dckd-no-rejected", "vanilla-kd"):
-            parts["kl_chosen"] = _kl(prepared.chosen_signals.to(device), logits, chosen.mask, a.loss_reduction)
-            if a.method == "dckd":
-                other = prepared.other.to(device)
-                other_logits = model(input_ids=other.input_ids, attention_mask=other.attention_mask).logits
-                parts["kl_rejected"] = _kl(prepared.other_signals.to(device), other_logits, other.mask, a.loss_reduction)
-            kl = parts["kl_chosen"] + parts.get("kl_rejected", 0.0)
-            loss = kl if a.method == "vanilla-kd" else a.sft_weight * sft + a.alpha * kl
-        else:
-            other = prepared.other.to(device)
-            sample_logits = model(input_ids=other.input_ids, attention_mask=other.attention_mask).logits
-            term = self._advantage_term(prepared.other_signals.to(device), sample_logits, other.mask)
-            parts["advantage_term"] = term
-            loss = a.sft_weight * sft + term
+        chosen = _forward(model, prepared.chosen, prepared.chosen_signals, device)
+        other = _forward(model, prepared.other, prepared.other_signals, device) if prepared.other is not None else None
+        loss, parts = self.spec.loss(LossInputs(
+            chosen, other, alpha=a.alpha, gamma=a.gamma, sft_weight=a.sft_weight, beta=self.beta,
+            reduction=a.loss_reduction, support_floor=a.support_floor, floor_penalty=a.floor_penalty,
+        ))
         for name, value in parts.items():
             self._metrics[name].append(float(value.detach()))
-        return (loss, logits) if return_outputs else loss
-
-    def _advantage_term(self, signals: TeacherSignals, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        a, beta = self.args, self.beta
-        red = a.loss_reduction
-        values, tail = signals.values, signals.tail
-        if a.method == "adpa-no-ref":  # teacher log-probs -> A = beta * log pi_dpo
-            values = losses.advantage_without_reference(values, beta)
-            tail = losses.advantage_without_reference(tail, beta) if tail is not None else None
-        if a.support_floor is not None and signals.logprobs is not None:
-            values = losses.support_floor(
-                values, signals.logprobs, signals.reference_logprobs, floor=a.support_floor,
-                penalty=a.floor_penalty, tail=tail,
-            )
-        if signals.indices is None:  # dense
-            if a.method in ("adpa", "adpa-no-ref"):
-                return losses.dense_adpa_loss(values, logits, mask, gamma=a.gamma, reduction=red)
-            full = torch.arange(values.shape[-1], device=values.device).expand_as(values)
-            return self._sparse_term(full, values, None, logits, mask)
-        return self._sparse_term(signals.indices, values, tail, logits, mask)
-
-    def _sparse_term(self, indices, values, tail, logits, mask) -> torch.Tensor:
-        a, red = self.args, self.args.loss_reduction
-        if a.method == "adpa-release":
-            clamped = losses.release_advantage(values / self.beta)
-            return losses.release_adpa_loss(indices, clamped, logits, mask, gamma=a.gamma, reduction=red)
-        if a.method == "q-argmax":
-            return a.gamma * losses.q_argmax_kd_loss(indices, values, logits, mask, reduction=red)
-        if a.method == "q-softmax":
-            return a.gamma * losses.q_softmax_kd_loss(indices, values, logits, mask, reduction=red)
-        return losses.sparse_adpa_loss(indices, values, tail, logits, mask, gamma=a.gamma, reduction=red)
+        return (loss, chosen.logits) if return_outputs else loss
 
     # -- logging and cleanup --------------------------------------------------------------------
 
@@ -296,7 +247,7 @@ class DistillTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def train(self, *args, **kwargs):
-        if self.args.uses_samples and self.args.rollout == "offline":
+        if self.spec.uses_samples and self.args.rollout == "offline":
             self._offline_samples()  # from the initial student, before a checkpoint is loaded
         try:
             return super().train(*args, **kwargs)
@@ -306,20 +257,24 @@ class DistillTrainer(Trainer):
                 self.prefetcher = None
 
 
-def _kl(signals: TeacherSignals, logits: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
-    if signals.indices is None:
-        return losses.dense_kl(signals.values, logits, mask, reduction=reduction)
-    return losses.sparse_kl(signals.indices, signals.values, signals.tail, logits, mask, reduction=reduction)
+def _forward(model, batch: TokenBatch, signals: TeacherSignals | None, device) -> Scored:
+    """The student's logits on one response batch, beside the teacher's signals for it."""
+    batch = batch.to(device)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+    return Scored(batch, logits, signals.to(device) if signals is not None else None)
 
 
-def _split_signals(answer, first: TokenBatch, second: TokenBatch) -> tuple[TeacherSignals, TeacherSignals]:
-    """One answer for first + second's sequences -> signals on each batch's grid."""
-    rows = sum(e - s for s, e in first.ranges)
-
-    def part(sl: slice):
+def _split_signals(answer, batches: list[TokenBatch]) -> list[TeacherSignals]:
+    """One answer for the batches' sequences, in order -> signals on each batch's grid."""
+    if len(batches) == 1:
+        return [TeacherSignals.from_result(answer, batches[0])]
+    out, start = [], 0
+    for batch in batches:
+        rows = sum(e - s for s, e in batch.ranges)
+        sl = slice(start, start + rows)
         pick = lambda t: None if t is None else t[sl]  # noqa: E731
-        return replace(answer, indices=pick(answer.indices), values=answer.values[sl], tail=pick(answer.tail),
+        part = replace(answer, indices=pick(answer.indices), values=answer.values[sl], tail=pick(answer.tail),
                        weights=pick(answer.weights), extras={k: v[sl] for k, v in answer.extras.items()})
-
-    return (TeacherSignals.from_result(part(slice(0, rows)), first),
-            TeacherSignals.from_result(part(slice(rows, None)), second))
+        out.append(TeacherSignals.from_result(part, batch))
+        start += rows
+    return out
