@@ -66,11 +66,19 @@ class DemoRun:
 
     # -- the world and stage 0 ------------------------------------------------------------------
 
-    def build(self) -> None:
-        c = self.config
-        self.paths = World(c.world).write(self.workdir / "data")
+    def write_world(self) -> None:
+        """The world's data splits, from the config's world seed, as files and datasets."""
+        self.paths = World(self.config.world).write(self.workdir / "data")
         self.data = {name: datasets.load_dataset("json", data_files=str(p), split="train")
                      for name, p in self.paths.items()}
+
+    def reward(self, prompts: list, responses: list[str]) -> list[float]:
+        """The ground-truth reward, with the config's weights."""
+        return reward_texts(prompts, responses, self.config.world.reward)
+
+    def build(self) -> None:
+        c = self.config
+        self.write_world()
         teacher_base = make_tiny_model(self.models / "teacher-base", layers=c.teacher.layers, hidden=c.teacher.hidden,
                                        heads=c.teacher.heads, seed=c.world.seed, init_std=0.02, words=WORDS)
         self.student_base = make_tiny_model(self.models / "student-base", layers=c.student.layers,
@@ -135,8 +143,7 @@ class DemoRun:
         return self._seqkd_records
 
     def evaluate(self, model: Path, split: str, modes=("greedy", "sampled"), seed: int = 0) -> EvalResult:
-        weights = self.config.world.reward
-        return evaluate(str(model), self.data[split]["prompt"], lambda p, r: reward_texts(p, r, weights),
+        return evaluate(str(model), self.data[split]["prompt"], self.reward,
                         max_new_tokens=self.config.max_new_tokens, seed=seed, modes=modes)
 
     # -- the whole run ----------------------------------------------------------------------------

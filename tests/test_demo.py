@@ -100,18 +100,19 @@ def test_the_world_teaches_something(small_demo):
 
 
 def test_another_world_seed_and_reward_mix_need_only_config(tmp_path):
+    """A config alone changes the world and the reward the pipeline scores with (no training here:
+    the end-to-end run above shows the pipeline itself)."""
     config = DemoConfig.model_validate({
         **SMALL,
         "world": {**SMALL["world"], "seed": 1, "num_test": 10,
                   "reward": {"task": 2.0, "style": 0.0, "harm": 0.5, "verbosity": 0.0}},
-        "teacher_sft": {"steps": 10, "lr": 3.0e-3}, "teacher_dpo": {"steps": 4, "lr": 1.0e-4},
-        "student_sft": {"steps": 10, "lr": 1.0e-2}, "steps": 2,
-        "methods": {"DCKD": {"method": "dckd", "grid": {"learning_rate": [1.0e-3]}}},
     })
-    results = DemoRun(config, tmp_path).run()
-    assert results["config"]["world"]["reward"]["task"] == 2.0
-    # With style weight 0 and task weight 2, rewards lie in [-0.5, 2].
-    for row in results["methods"].values():
-        assert -0.5 <= row["reward_greedy"]["mean"] <= 2.0
-    first = json.loads(Path(tmp_path / "data/test.jsonl").read_text().splitlines()[0])["prompt"][0]["content"]
-    assert first == World(config.world).prompt().text  # the seed-1 world, not the default one
+    run = DemoRun(config, tmp_path)
+    run.write_world()
+    test_prompts = [json.loads(line)["prompt"] for line in (tmp_path / "data/test.jsonl").read_text().splitlines()]
+    assert test_prompts[0][0]["content"] == World(config.world).prompt().text  # the seed-1 world
+    assert test_prompts[0][0]["content"] != World(DemoConfig.load().world).prompt().text
+    # The pipeline's reward uses the config's weights: task 2, style 0, harm 0.5, verbosity 0.
+    prompt = Prompt("reverse", ("fox", "red", "owl"), polite=True)
+    chat = [{"role": "user", "content": prompt.text}]
+    assert run.reward([chat, chat], ["owl red fox", "owl red fox stupid bye"]) == pytest.approx([2.0, 1.5])
