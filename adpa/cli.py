@@ -25,13 +25,24 @@ from adpa.config import add_settings_arguments, settings_from_args
 
 def _serve(args: argparse.Namespace) -> int:
     from adpa.services.config import ServeConfig
-    from adpa.services.standalone import serve
 
     try:
         config = settings_from_args(ServeConfig, args)
     except (ValidationError, FileNotFoundError) as err:
         print(f"adpa serve: invalid configuration:\n{err}", file=sys.stderr)
         return 2
+    if config.ray:
+        from adpa.services.ray.launch import check_settings, serve_on_ray
+
+        try:
+            check_settings(config)
+        except ValueError as err:
+            print(f"adpa serve: {err}", file=sys.stderr)
+            return 2
+        serve_on_ray(config)
+        return 0
+    from adpa.services.standalone import serve
+
     serve(config)
     return 0
 

@@ -205,6 +205,7 @@ def result_to_pb(result: ScoreResult, request_id: str, value_dtype: str) -> pb.S
         signal=SIGNAL_ENUM[result.signal],
         support_kind=SUPPORT_ENUM[result.support],
         values=encode(result.values, value_dtype),
+        replica=result.replica,
     )
     if result.reference is not None:
         msg.reference.CopyFrom(fingerprint_to_pb(result.reference))
@@ -236,4 +237,5 @@ def result_from_pb(msg: pb.ScoreResponse) -> ScoreResult:
         tail=optional("tail", torch.float32),
         weights=optional("weights", torch.float32),
         extras={name: t for name in _EXTRAS if (t := optional(name, torch.float32)) is not None},
+        replica=msg.replica,
     )

@@ -105,6 +105,7 @@ class ScoreResult:
     tail: torch.Tensor | None  # (P,) fp32: log tail mass, or the tail bucket's advantage
     weights: torch.Tensor | None = None  # (P, n): sampled only
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # include_logprobs tensors
+    replica: str = ""  # which server replica answered (set by the front end)
 
 
 # The dtypes values may travel in, and their sizes: the one table of value dtypes.

@@ -167,4 +167,5 @@ def _concat(results: list[ScoreResult]) -> ScoreResult:
         tail=_pad_cat([r.tail for r in results], 0.0),
         weights=_pad_cat([r.weights for r in results], 0.0),
         extras={k: _pad_cat([r.extras[k] for r in results], 0.0) for k in first.extras},
+        replica=",".join(sorted({r.replica for r in results})),
     )

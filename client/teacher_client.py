@@ -21,7 +21,9 @@ import itertools
 import logging
 import random
 import time
+import urllib.parse
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 
@@ -36,14 +38,31 @@ logger = logging.getLogger(__name__)
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
-def parse_endpoint(endpoint: str) -> tuple[str, bool]:
-    """'grpc://host:port' | 'grpcs://host:port' | 'host:port' -> (target, use_tls)."""
+@dataclass(frozen=True)
+class Endpoint:
+    target: str  # host:port
+    tls: bool
+    application: str | None = None  # Ray Serve application to route to, when the cluster has several
+
+
+def parse_endpoint(endpoint: str) -> Endpoint:
+    """'grpc://host:port' | 'grpcs://host:port' | 'host:port', optionally '?application=NAME'.
+
+    `application` is sent as the `application` metadata that Ray Serve's gRPC proxy routes by
+    (needed only where one Serve cluster runs several applications).
+    """
+    address, _, query = endpoint.partition("?")
+    params = urllib.parse.parse_qs(query, strict_parsing=bool(query)) if query else {}
+    unknown = set(params) - {"application"}
+    if unknown:
+        raise ValueError(f"endpoint {endpoint!r}: unknown parameter(s) {sorted(unknown)}; only 'application'")
+    application = params["application"][-1] if "application" in params else None
     for scheme, tls in (("grpcs://", True), ("grpc://", False)):
-        if endpoint.startswith(scheme):
-            return endpoint[len(scheme) :], tls
-    if "://" in endpoint:
+        if address.startswith(scheme):
+            return Endpoint(address[len(scheme) :], tls, application)
+    if "://" in address:
         raise ValueError(f"endpoint {endpoint!r}: scheme must be grpc:// or grpcs://")
-    return endpoint, False
+    return Endpoint(address, False, application)
 
 
 class TeacherClient(Teacher):
@@ -67,27 +86,28 @@ class TeacherClient(Teacher):
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
+        auth = (("authorization", f"Bearer {token}"),) if token else ()
         self._channels = []
         for endpoint in endpoints:
-            target, tls = parse_endpoint(endpoint)
-            if tls:
+            parsed = parse_endpoint(endpoint)
+            if parsed.tls:
                 creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-                channel = grpc.secure_channel(target, creds, options=options)
+                channel = grpc.secure_channel(parsed.target, creds, options=options)
             else:
-                channel = grpc.insecure_channel(target, options=options)
-            self._channels.append((endpoint, channel, pb_grpc.ScorerStub(channel)))
+                channel = grpc.insecure_channel(parsed.target, options=options)
+            routing = (("application", parsed.application),) if parsed.application else ()
+            self._channels.append((endpoint, channel, pb_grpc.ScorerStub(channel), auth + routing))
         self.endpoints = endpoints
         self.where = f" at {endpoints[0]}"
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_message_bytes = max_message_bytes
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._next = itertools.count()
         self._info: ModelInfo | None = None
 
     def close(self) -> None:
-        for _, channel, _ in self._channels:
+        for _, channel, _, _ in self._channels:
             channel.close()
 
     def info(self, timeout: float | None = None, *, refresh: bool = False) -> ModelInfo:
@@ -104,10 +124,10 @@ class TeacherClient(Teacher):
         deadline = time.monotonic() + timeout
         attempt = 0
         while True:
-            endpoint, _, stub = self._channels[next(self._next) % len(self._channels)]
+            endpoint, _, stub, metadata = self._channels[next(self._next) % len(self._channels)]
             remaining = deadline - time.monotonic()
             try:
-                return getattr(stub, method)(request, timeout=max(remaining, 0.001), metadata=self._metadata)
+                return getattr(stub, method)(request, timeout=max(remaining, 0.001), metadata=metadata)
             except grpc.RpcError as err:
                 code = err.code()
                 delay = _pushback_s(err)

@@ -34,6 +34,12 @@ class ServeConfig(AdpaSettings):
     trust_remote_code: bool = Field(False, description="allow model code from the hub")
     max_seq_len: int | None = Field(None, description="longest accepted sequence (default: the model's)")
     max_batch_tokens: int = Field(8192, description="padded tokens per forward micro-batch")
+    batching: bool = Field(
+        True, description="pack the sequences of concurrent requests (all callers) into shared forward micro-batches"
+    )
+    batch_wait_ms: float = Field(
+        0.0, description="with batching: how long a micro-batch that is not full waits for more requests to join"
+    )
     logits_budget_mb: float = Field(
         64, description="largest fp32 [positions, vocab] block built at once, in MiB"
     )
@@ -54,6 +60,16 @@ class ServeConfig(AdpaSettings):
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert")
     grace_period_s: float = Field(10.0, description="on SIGTERM, time to finish running requests")
     torch_threads: int | None = Field(None, description="torch CPU threads (default: torch's choice)")
+    ray: bool = Field(
+        False, description="run as a Ray Serve application (teacher and reference deployments) instead of one process"
+    )
+    ray_address: str = Field(
+        "local", description="with ray: the cluster: 'local' starts one here, 'auto' joins this node's, or ray://host:10001"
+    )
+    ray_replicas: int = Field(1, description="with ray: teacher replicas")
+    ray_reference_replicas: int = Field(1, description="with ray: reference replicas (when the reference is a model)")
+    ray_cpus_per_replica: float = Field(1.0, description="with ray: CPUs reserved by each replica")
+    ray_gpus_per_replica: float = Field(0.0, description="with ray: GPUs reserved by each replica (e.g. 1, or 0.5 to pack two)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
     @model_validator(mode="after")
@@ -66,6 +82,11 @@ class ServeConfig(AdpaSettings):
             raise ValueError("tls_cert and tls_key go together")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        if self.ray_replicas < 1 or self.ray_reference_replicas < 1:
+            raise ValueError(f"ray_replicas and ray_reference_replicas must be >= 1, got {self.ray_replicas}, "
+                             f"{self.ray_reference_replicas}")
         return self
 
     @property

@@ -8,16 +8,15 @@ block larger than `logits_budget_bytes` is built (dense answers excepted: they a
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from adpa import sparse
-from adpa.errors import Cancelled
 from adpa.fingerprint import model_fingerprint, tokenizer_fingerprint
 from adpa.protocol import ModelFingerprint, SupportSpec, SupportValues
+from adpa.services.batching import Item, Job, Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +39,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 class ScoringEngine:
-    """Scores token sequences with one causal LM. Thread-safe: one forward runs at a time."""
+    """Scores token sequences with one causal LM. Thread-safe: one forward runs at a time, and
+    with `batching` the sequences of concurrent calls share forwards (see `batching.py`)."""
 
     def __init__(
         self,
@@ -52,6 +52,8 @@ class ScoringEngine:
         max_seq_len: int | None = None,
         max_batch_tokens: int = 8192,
         logits_budget_bytes: int = 64 << 20,
+        batching: bool = True,
+        batch_wait_s: float = 0.0,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -69,8 +71,11 @@ class ScoringEngine:
             dtype=str(model.dtype).removeprefix("torch."),
             max_seq_len=self.max_seq_len,
         )
-        self._lock = threading.Lock()
         self._head_only = self._head_path_matches()
+        self.scheduler = Scheduler(
+            self._forward, max_batch_tokens=max_batch_tokens, batching=batching, wait_s=batch_wait_s,
+            name=f"adpa-batcher-{name}",
+        )
 
     @classmethod
     def from_pretrained(
@@ -135,39 +140,34 @@ class ScoringEngine:
         logits = self._logits(features) if self._head_only else features.float()
         return logits.log_softmax(-1)
 
-    def _micro_batches(self, lengths: list[int]) -> Iterator[list[int]]:
-        """Groups of sequence indices, longest first, with at most max_batch_tokens padded tokens."""
-        group: list[int] = []
-        for b in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-            if group and (len(group) + 1) * lengths[group[0]] > self.max_batch_tokens:
-                yield group
-                group = []
-            group.append(b)
-        if group:
-            yield group
-
-    def _scored_rows(
-        self, sequences: list[torch.Tensor], ranges: list[tuple[int, int]], should_stop: Callable[[], bool] | None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (rows, logp): global row ids (R,) and their fp32 log-softmax (R, V), chunk by chunk."""
-        offsets = [0]
-        for start, end in ranges:
-            offsets.append(offsets[-1] + end - start)
-        for group in self._micro_batches([len(s) for s in sequences]):
-            if should_stop is not None and should_stop():
-                raise Cancelled("request cancelled or past its deadline")
-            width = len(sequences[group[0]])
-            ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for row, b in enumerate(group):
-                ids[row, : len(sequences[b])] = sequences[b]
-                mask[row, : len(sequences[b])] = 1
+    def _forward(self, group: list[Item]) -> None:
+        """One micro-batch: the body once over the padded sequences, then the head and an fp32
+        log-softmax on the scored rows only, a chunk of rows at a time; each chunk's rows go back
+        to the job they belong to (`Job.add`), where the job's support is taken."""
+        width = max(item.length for item in group)
+        ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, item in enumerate(group):
+            ids[row, : item.length] = item.job.sequences[item.index]
+            mask[row, : item.length] = 1
+        with torch.inference_mode():
             features = self._features(ids.to(self.device), mask.to(self.device))  # (b, T, F)
-            picked = torch.cat([features[row, slice(*ranges[b])] for row, b in enumerate(group)])  # (R, F)
-            rows = torch.cat([torch.arange(offsets[b], offsets[b + 1]) for b in group])  # (R,)
-            for i in range(0, len(rows), self.rows_per_chunk):
-                chunk = slice(i, i + self.rows_per_chunk)
-                yield rows[chunk], self._log_softmax(picked[chunk]).cpu()
+            owners = []  # (item, first row in `picked`, rows)
+            picked = []
+            offset = 0
+            for row, item in enumerate(group):
+                start, end = item.job.ranges[item.index]
+                picked.append(features[row, start:end])
+                owners.append((item, offset, end - start))
+                offset += end - start
+            picked = torch.cat(picked)  # (R, F)
+            for c0 in range(0, offset, self.rows_per_chunk):
+                c1 = min(c0 + self.rows_per_chunk, offset)
+                logp = self._log_softmax(picked[c0:c1]).cpu()  # (c1 - c0, V)
+                for item, first, rows in owners:
+                    lo, hi = max(first, c0), min(first + rows, c1)
+                    if lo < hi:
+                        item.job.add(item.index, lo - first, logp[lo - c0 : hi - c0])
 
     # -- the public call ----------------------------------------------------------------------
 
@@ -177,34 +177,53 @@ class ScoringEngine:
         ranges: list[tuple[int, int]],
         support: SupportSpec,
         should_stop: Callable[[], bool] | None = None,
+        caller: str = "",
     ) -> SupportValues:
         """Log-probs on `support` at every scored position, rows in request order.
 
         `sequences` and `ranges` must already be validated (ids in the vocabulary, ranges inside
-        their sequence); `should_stop` is polled between micro-batches.
+        their sequence); `should_stop` is polled between micro-batches; `caller` identifies who
+        asks, for fairness when requests of several callers are batched together.
         """
-        num_rows = sum(end - start for start, end in ranges)
-        uniforms = None
+        request = _Request(ranges, support)
+        self.scheduler.run(Job(sequences, ranges, request.add, should_stop, caller))
+        return request.assemble()
+
+
+class _Request:
+    """One scoring request's rows: the support is taken as chunks of its rows arrive."""
+
+    def __init__(self, ranges: list[tuple[int, int]], support: SupportSpec):
+        self.support = support
+        self.offsets = [0]
+        for start, end in ranges:
+            self.offsets.append(self.offsets[-1] + end - start)
+        self.num_rows = self.offsets[-1]
+        self.uniforms = None
         if support.kind == "sampled":
             # Drawn up front in request order: the draws don't depend on batching or chunking.
             generator = torch.Generator().manual_seed(support.seed)
-            uniforms = torch.rand((num_rows, support.n), generator=generator)
+            self.uniforms = torch.rand((self.num_rows, support.n), generator=generator)
+        self.parts: list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = []
 
-        parts: list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = []
-        with self._lock, torch.inference_mode():
-            for rows, logp in self._scored_rows(sequences, ranges, should_stop):
-                if support.kind == "topk":
-                    out = sparse.topk(logp, support.k)
-                elif support.kind == "indices":
-                    out = sparse.union_with_topk(logp, support.indices[rows], support.k)
-                elif support.kind == "sampled":
-                    out = sparse.sample(logp, uniforms[rows], support.temperature)
-                elif support.kind == "dense":
-                    out = (logp,)
-                else:
-                    raise ValueError(f"unknown support kind {support.kind!r}")
-                parts.append((rows, out))
-        return _assemble(support.kind, num_rows, parts)
+    def add(self, index: int, first: int, logp: torch.Tensor) -> None:
+        """Rows first..first + len(logp) of sequence `index`'s scored range, as fp32 log-probs."""
+        rows = torch.arange(len(logp)) + self.offsets[index] + first
+        support = self.support
+        if support.kind == "topk":
+            out = sparse.topk(logp, support.k)
+        elif support.kind == "indices":
+            out = sparse.union_with_topk(logp, support.indices[rows], support.k)
+        elif support.kind == "sampled":
+            out = sparse.sample(logp, self.uniforms[rows], support.temperature)
+        elif support.kind == "dense":
+            out = (logp,)
+        else:
+            raise ValueError(f"unknown support kind {support.kind!r}")
+        self.parts.append((rows, out))
+
+    def assemble(self) -> SupportValues:
+        return _assemble(self.support.kind, self.num_rows, self.parts)
 
 
 def _assemble(

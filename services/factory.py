@@ -32,6 +32,8 @@ def load_engine(config: ServeConfig, model: str) -> ScoringEngine:
         max_seq_len=config.max_seq_len,
         max_batch_tokens=config.max_batch_tokens,
         logits_budget_bytes=int(config.logits_budget_mb * (1 << 20)),
+        batching=config.batching,
+        batch_wait_s=config.batch_wait_ms / 1000,
     )
 
 

@@ -13,6 +13,8 @@ request is refused, what the metrics count) is decided here, once.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,11 +32,20 @@ logger = logging.getLogger(__name__)
 class Frontend:
     """One scoring service as its transports see it."""
 
-    def __init__(self, service: ScoringService, *, max_inflight: int = 16, metrics: ServiceMetrics | None = None):
+    def __init__(
+        self,
+        service: ScoringService,
+        *,
+        max_inflight: int = 16,
+        replica: str | None = None,
+        metrics: ServiceMetrics | None = None,
+    ):
         self.service = service
+        self.replica = replica if replica is not None else f"{socket.gethostname()}:{os.getpid()}"
         self.metrics = metrics or ServiceMetrics()
         self.gate = AdmissionGate(max_inflight, self.metrics)
         self._draining = threading.Event()
+        service.engine.scheduler.observer = self.metrics.observe_batch
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -69,11 +80,14 @@ class Frontend:
         *,
         deadline: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
+        caller: str = "",
     ) -> ScoreResult:
         """Admit, validate and answer one query.
 
         `deadline` is a `time.monotonic()` instant; `is_cancelled` tells whether the caller has
         gone. Both are polled between forward micro-batches, so abandoned work stops early.
+        `caller` names the caller (e.g. its address): concurrent callers' sequences share
+        forwards, taken in turn from each caller.
         """
         self._refuse_if_draining()
         with self.gate.admit():
@@ -86,7 +100,7 @@ class Frontend:
 
             started = time.perf_counter()
             try:
-                result = self.service.score(query, should_stop=should_stop)
+                result = self.service.score(query, should_stop=should_stop, caller=caller)
             except Cancelled:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise DeadlineExceeded("the request's deadline passed while it was being scored") from None
@@ -97,6 +111,7 @@ class Frontend:
             1000 * (time.perf_counter() - started),
         )
         self.metrics.positions.labels(result.signal, result.support).inc(query.num_positions)
+        result.replica = self.replica
         return result
 
     @contextmanager

@@ -24,3 +24,21 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self.inflight = Gauge("adpa_inflight_requests", "Scoring requests running or queued", registry=self.registry)
+        self.batch_requests = Histogram(
+            "adpa_batch_requests", "Requests whose sequences shared one forward micro-batch",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=self.registry,
+        )
+        self.batch_sequences = Histogram(
+            "adpa_batch_sequences", "Sequences per forward micro-batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry,
+        )
+        self.batch_tokens = Counter(
+            "adpa_batch_padded_tokens", "Padded tokens forwarded (sequences x longest, per micro-batch)",
+            registry=self.registry,
+        )
+
+    def observe_batch(self, requests: int, sequences: int, padded_tokens: int) -> None:
+        """Record one forward micro-batch of the served model."""
+        self.batch_requests.observe(requests)
+        self.batch_sequences.observe(sequences)
+        self.batch_tokens.inc(padded_tokens)

@@ -26,7 +26,7 @@ class ReferenceModel(Protocol):
 
     def score(
         self, sequences: list[torch.Tensor], ranges: list[tuple[int, int]], support: SupportSpec,
-        should_stop: StopFn | None = None,
+        should_stop: StopFn | None = None, caller: str = "",
     ) -> SupportValues:
         """log pi_ref on `support` at the scored positions (INDICES with k=0, or DENSE)."""
 
@@ -49,8 +49,8 @@ class LocalReference:
     def fingerprint(self) -> ModelFingerprint:
         return self.engine.fingerprint
 
-    def score(self, sequences, ranges, support, should_stop=None) -> SupportValues:
-        return self.engine.score(sequences, ranges, support, should_stop)
+    def score(self, sequences, ranges, support, should_stop=None, caller="") -> SupportValues:
+        return self.engine.score(sequences, ranges, support, should_stop, caller)
 
     def max_indices(self) -> None:
         return None
@@ -68,12 +68,13 @@ def reference_at(
     ranges: list[tuple[int, int]],
     indices: torch.Tensor | None,
     should_stop: StopFn | None = None,
+    caller: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi_ref at `indices` (P, m) (or everywhere when None), and its log tail mass outside them."""
     if indices is None:
-        dense = reference.score(sequences, ranges, SupportSpec("dense"), should_stop)
+        dense = reference.score(sequences, ranges, SupportSpec("dense"), should_stop, caller)
         return dense.logprobs, None
     # Ask for each distinct id once (sampled supports repeat ids), then read them back in order.
     unique = sparse.sorted_union(indices, indices[:, :0], reference.fingerprint.vocab_size)
-    answer = reference.score(sequences, ranges, SupportSpec("indices", k=0, indices=unique), should_stop)
+    answer = reference.score(sequences, ranges, SupportSpec("indices", k=0, indices=unique), should_stop, caller)
     return sparse.lookup(answer.indices, answer.logprobs, indices), answer.log_tail

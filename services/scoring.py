@@ -76,9 +76,10 @@ class ScoringService:
         if self.reference is not None:
             self.reference.close()
 
-    def score(self, query: ScoreQuery, should_stop: StopFn | None = None) -> ScoreResult:
+    def score(self, query: ScoreQuery, should_stop: StopFn | None = None, caller: str = "") -> ScoreResult:
+        """Validate and answer `query`; `caller` names who asks (fairness when requests are batched)."""
         self.validate(query)
-        own = self.engine.score(query.sequences, query.ranges, query.support, should_stop)
+        own = self.engine.score(query.sequences, query.ranges, query.support, should_stop, caller)
         if query.signal == "logprobs":
             return ScoreResult(
                 signal="logprobs",
@@ -90,7 +91,9 @@ class ScoringService:
                 tail=own.log_tail,
                 weights=own.weights,
             )
-        ref_logp, ref_tail = reference_at(self.reference, query.sequences, query.ranges, own.indices, should_stop)
+        ref_logp, ref_tail = reference_at(
+            self.reference, query.sequences, query.ranges, own.indices, should_stop, caller
+        )
         extras = {}
         if query.include_logprobs:
             extras = {"logprobs": own.logprobs, "reference_logprobs": ref_logp}

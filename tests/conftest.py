@@ -16,7 +16,10 @@ SERVER_ENV = {"OMP_NUM_THREADS": "1", "ADPA_TORCH_THREADS": "1", "TOKENIZERS_PAR
 
 
 # Tests that need one of these start server processes: they are `slow` (see `pytest -m "not slow"`).
-SERVER_FIXTURES = {"reference_server", "teacher_server", "local_teacher_server", "auth_server", "slow_server"}
+SERVER_FIXTURES = {
+    "reference_server", "teacher_server", "local_teacher_server", "auth_server", "slow_server", "ray_serve", "ray_app",
+    "small_demo",
+}
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -107,3 +110,45 @@ def auth_server(tmp_path_factory, reference_path):
     )
     yield server
     server.stop()
+
+
+RAY_TOKEN = "ray-s3cret"
+
+
+@pytest.fixture(scope="session")
+def ray_serve(tmp_path_factory):
+    """One local Ray with Serve (gRPC and HTTP proxies on free loopback ports) for the session."""
+    import ray
+    from ray import serve
+
+    from adpa.services.launch import free_port
+    from adpa.services.ray.app import GRPC_SERVICER_FUNCTIONS
+
+    # Logical CPUs: replicas reserve a share each; the work itself is what 2 cores give.
+    ray.init(address="local", include_dashboard=False, num_cpus=4, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")),
+             runtime_env={"env_vars": {**SERVER_ENV, "ADPA_AUTH_TOKEN": RAY_TOKEN}})
+    try:
+        ports = {"grpc": free_port(), "http": free_port()}
+        serve.start(http_options={"host": "127.0.0.1", "port": ports["http"]},
+                    grpc_options={"port": ports["grpc"], "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
+        yield ports
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_app(ray_serve, teacher_path, reference_path):
+    """The adpa application (2 teacher replicas, 1 reference) on the session's Ray, as deploy/serve.yaml
+    would start it; yields its endpoints."""
+    from ray import serve
+
+    from adpa.services.ray.app import build_app
+
+    args = {"model": str(teacher_path), "reference": str(reference_path), "beta": 0.5, "torch_threads": 1,
+            "ray_replicas": 2, "ray_cpus_per_replica": 0.5, "max_k": 32, "max_samples": 4096, "batch_wait_ms": 20}
+    serve.run(build_app(args), name="adpa", route_prefix="/")
+    yield {"endpoint": f"grpc://127.0.0.1:{ray_serve['grpc']}", "http": f"http://127.0.0.1:{ray_serve['http']}",
+           "token": RAY_TOKEN}
+    serve.delete("adpa")

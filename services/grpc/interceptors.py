@@ -41,29 +41,38 @@ def _replace_behavior(handler: grpc.RpcMethodHandler, behavior: Callable) -> grp
     )
 
 
+def check_bearer(metadata, token: str) -> None:
+    """Raise Unauthenticated unless some `authorization` entry of `metadata` is `Bearer <token>`."""
+    expected = f"Bearer {token}".encode()
+    offered = [
+        value.encode() if isinstance(value, str) else value
+        for key, value in (metadata or ())
+        if key.lower() == "authorization"
+    ]
+    # Compare against every entry, without stopping early, in constant time per entry.
+    matches = [hmac.compare_digest(value, expected) for value in offered]
+    if not any(matches):
+        raise Unauthenticated("missing bearer token" if not offered else "invalid bearer token")
+
+
 class AuthInterceptor(grpc.ServerInterceptor):
     """Accepts a call only if some `authorization` metadata entry is exactly `Bearer <token>`."""
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+        self._token = token
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(UNAUTHENTICATED_PREFIXES):
             return handler
-        offered = [
-            value.encode() if isinstance(value, str) else value
-            for key, value in (handler_call_details.invocation_metadata or ())
-            if key.lower() == "authorization"
-        ]
-        # Compare against every entry, without stopping early, in constant time per entry.
-        matches = [hmac.compare_digest(value, self._expected) for value in offered]
-        if any(matches):
+        try:
+            check_bearer(handler_call_details.invocation_metadata, self._token)
             return handler
-        reason = "missing bearer token" if not offered else "invalid bearer token"
+        except Unauthenticated as err:
+            refusal = err
 
         def refuse(request_or_iterator, context):
-            raise Unauthenticated(reason)
+            raise refusal
 
         return _replace_behavior(handler, refuse)
 

@@ -26,7 +26,10 @@ class RemoteReference:
         cls, endpoint: str, *, token: str | None = None, max_message_bytes: int = 64 << 20, wait_s: float = 600.0
     ) -> RemoteReference:
         """Connect to `endpoint`, waiting up to `wait_s` for its handshake (it may still be loading)."""
-        reference = cls(TeacherClient(endpoint, token=token, max_message_bytes=max_message_bytes))
+        # Few retries here: the trainer's own client retries the teacher's UNAVAILABLE, and retries
+        # at both levels would multiply.
+        client = TeacherClient(endpoint, token=token, max_message_bytes=max_message_bytes, max_retries=1, backoff_s=0.1)
+        reference = cls(client)
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -46,7 +49,7 @@ class RemoteReference:
             self._fingerprint = self.client.info().model
         return self._fingerprint
 
-    def score(self, sequences, ranges, support, should_stop=None) -> SupportValues:
+    def score(self, sequences, ranges, support, should_stop=None, caller="") -> SupportValues:
         try:
             answer = self.client.score(sequences, ranges, signal="logprobs", support=support, value_dtype="FP32")
         except grpc.RpcError as err:

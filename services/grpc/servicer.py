@@ -24,7 +24,9 @@ class ScorerServicer(pb_grpc.ScorerServicer):
         query = codec.query_from_pb(request)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        result = self.frontend.score(query, deadline=deadline, is_cancelled=lambda: not context.is_active())
+        result = self.frontend.score(
+            query, deadline=deadline, is_cancelled=lambda: not context.is_active(), caller=context.peer()
+        )
         response = codec.result_to_pb(result, request.request_id, query.value_dtype)
         size, limit = response.ByteSize(), self.frontend.service.limits.max_message_bytes
         if size > limit:

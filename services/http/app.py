@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
-from fastapi import FastAPI, Header
+from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -85,9 +85,11 @@ def create_app(frontend: Frontend, token: str | None = None) -> FastAPI:
         return call("ModelInfo", authorization, lambda: ModelInfoJSON.from_record(frontend.info()))
 
     @app.post("/v1/score", response_model=ScoreResponseJSON)
-    def score(body: ScoreRequestJSON, authorization: str | None = Header(None)):
+    def score(body: ScoreRequestJSON, request: Request, authorization: str | None = Header(None)):
+        caller = f"{request.client.host}:{request.client.port}" if request.client else "http"
+
         def work() -> ScoreResponseJSON:
-            return ScoreResponseJSON.from_record(frontend.score(body.to_record()), body.request_id)
+            return ScoreResponseJSON.from_record(frontend.score(body.to_record(), caller=caller), body.request_id)
 
         return call("Score", authorization, work)
 

@@ -136,6 +136,7 @@ class ScoreResponseJSON(_Strict):
     reference_logprobs: Rows | None = None
     tail_logprobs: list[float | None] | None = None
     reference_tail_logprobs: list[float | None] | None = None
+    replica: str = Field("", description="which server replica answered")
 
     @classmethod
     def from_record(cls, result: ScoreResult, request_id: str) -> ScoreResponseJSON:
@@ -144,7 +145,7 @@ class ScoreResponseJSON(_Strict):
             model=FingerprintJSON.from_record(result.model), reference=FingerprintJSON.from_record(result.reference),
             indices=None if result.indices is None else result.indices.tolist(),
             values=_floats(result.values), tail=_floats(result.tail), weights=_floats(result.weights),
-            **{name: _floats(t) for name, t in result.extras.items()},
+            **{name: _floats(t) for name, t in result.extras.items()}, replica=result.replica,
         )
 
 

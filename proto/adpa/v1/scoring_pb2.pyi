@@ -133,7 +133,7 @@ class ScoreRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., signal: _Optional[_Union[Signal, str]] = ..., support: _Optional[_Union[Support, _Mapping]] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Union[Tensor, _Mapping]] = ..., score_ranges: _Optional[_Union[Tensor, _Mapping]] = ..., value_dtype: _Optional[_Union[ValueDtype, str]] = ..., include_logprobs: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("request_id", "model", "reference", "signal", "support_kind", "indices", "values", "tail", "weights", "logprobs", "reference_logprobs", "tail_logprobs", "reference_tail_logprobs")
+    __slots__ = ("request_id", "model", "reference", "signal", "support_kind", "indices", "values", "tail", "weights", "logprobs", "reference_logprobs", "tail_logprobs", "reference_tail_logprobs", "replica")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class ScoreResponse(_message.Message):
     REFERENCE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TAIL_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_TAIL_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: ModelFingerprint
     reference: ModelFingerprint
@@ -160,4 +161,5 @@ class ScoreResponse(_message.Message):
     reference_logprobs: Tensor
     tail_logprobs: Tensor
     reference_tail_logprobs: Tensor
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., reference: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., signal: _Optional[_Union[Signal, str]] = ..., support_kind: _Optional[_Union[SupportKind, str]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., tail: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., reference_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., tail_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., reference_tail_logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    replica: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., reference: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., signal: _Optional[_Union[Signal, str]] = ..., support_kind: _Optional[_Union[SupportKind, str]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., tail: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., reference_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., tail_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., reference_tail_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., replica: _Optional[str] = ...) -> None: ...

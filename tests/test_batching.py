@@ -1,0 +1,183 @@
+"""Batching across callers: packing, fairness and cancellation of the scheduler, and answers that
+do not depend on who else was in the batch."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from adpa.errors import Cancelled
+from adpa.protocol import SupportSpec
+from adpa.services.batching import Job, Scheduler
+from adpa.services.engine import ScoringEngine
+
+
+def _job(lengths, caller, *, should_stop=None):
+    sequences = [torch.zeros(n, dtype=torch.long) for n in lengths]
+    return Job(sequences, [(0, n) for n in lengths], lambda *a: None, should_stop, caller)
+
+
+class GatedForward:
+    """A forward that records its micro-batches and blocks the first one until released, so
+    requests can queue up behind it deterministically."""
+
+    def __init__(self):
+        self.groups: list[list[tuple[str, int]]] = []
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def __call__(self, group):
+        self.groups.append([(item.job.caller, item.length) for item in group])
+        self.entered.set()
+        self.release.wait(10)
+
+
+def _run_async(scheduler, job, done: list, errors: list) -> threading.Thread:
+    def target():
+        try:
+            scheduler.run(job)
+            done.append(job.caller)
+        except Exception as err:  # noqa: BLE001 - the test inspects it
+            errors.append((job.caller, err))
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread
+
+
+def test_queued_requests_share_micro_batches_round_robin():
+    forward = GatedForward()
+    scheduler = Scheduler(forward, max_batch_tokens=64)
+    done, errors = [], []
+    threads = [_run_async(scheduler, _job([4], "first"), done, errors)]
+    assert forward.entered.wait(5)
+    # While the first forward runs, a big request and two small ones queue up.
+    threads += [_run_async(scheduler, _job([8] * 20, "big"), done, errors)]
+    threads += [_run_async(scheduler, _job([8, 8], name), done, errors) for name in ("a", "b")]
+    while sum(len(q) for q in scheduler._queues.values()) < 24:
+        threading.Event().wait(0.01)
+    forward.release.set()
+    for t in threads:
+        t.join(10)
+    assert not errors and sorted(done) == ["a", "b", "big", "first"]
+    second = forward.groups[1]
+    # 64 padded tokens = 8 sequences of 8: the small callers' sequences are in the first shared
+    # micro-batch, interleaved with the big request's instead of waiting behind all of it.
+    assert len(second) == 8
+    assert sorted(c for c, _ in second).count("a") == 2 and sorted(c for c, _ in second).count("b") == 2
+    assert sum(len(g) for g in forward.groups) == 1 + 20 + 2 + 2
+
+
+def test_small_callers_finish_before_a_huge_request():
+    forward = GatedForward()
+    scheduler = Scheduler(forward, max_batch_tokens=32)
+    done, errors = [], []
+    threads = [_run_async(scheduler, _job([4], "first"), done, errors)]
+    assert forward.entered.wait(5)
+    threads.append(_run_async(scheduler, _job([8] * 200, "huge"), done, errors))
+    while not scheduler._queues.get("huge"):
+        threading.Event().wait(0.01)
+    threads += [_run_async(scheduler, _job([8], f"small{i}"), done, errors) for i in range(3)]
+    while sum(len(q) for q in scheduler._queues.values()) < 203:
+        threading.Event().wait(0.01)
+    forward.release.set()
+    for t in threads:
+        t.join(10)
+    assert not errors and len(done) == 5
+    # 32 padded tokens = 4 sequences of 8: the first shared micro-batch takes one sequence of each
+    # caller, so every small caller is answered after one forward; the huge one needs 50 more
+    # (its other 199 sequences, 4 at a time).
+    assert sorted(c for c, _ in forward.groups[1]) == ["huge", "small0", "small1", "small2"]
+    assert len(forward.groups) == 2 + 50
+
+
+def test_a_cancelled_request_leaves_the_queue_and_the_others_are_served():
+    forward = GatedForward()
+    scheduler = Scheduler(forward, max_batch_tokens=64)
+    done, errors = [], []
+    stop = threading.Event()
+    threads = [_run_async(scheduler, _job([4], "first"), done, errors)]
+    assert forward.entered.wait(5)
+    threads.append(_run_async(scheduler, _job([8] * 10, "gone", should_stop=stop.is_set), done, errors))
+    threads.append(_run_async(scheduler, _job([8] * 3, "stays"), done, errors))
+    while sum(len(q) for q in scheduler._queues.values()) < 13:
+        threading.Event().wait(0.01)
+    stop.set()
+    forward.release.set()
+    for t in threads:
+        t.join(10)
+    assert sorted(done) == ["first", "stays"]
+    assert [c for c, _ in errors] == ["gone"] and isinstance(errors[0][1], Cancelled)
+    assert all(caller != "gone" for group in forward.groups for caller, _ in group)
+
+
+# -- the real engine: answers with batching on equal the answers alone --------------------------
+
+
+@pytest.fixture(scope="module")
+def engines(teacher_path):
+    alone = ScoringEngine.from_pretrained(str(teacher_path), device="cpu", dtype="float32", batching=False)
+    # A long wait window so that concurrent calls surely meet in one micro-batch.
+    batched = ScoringEngine.from_pretrained(str(teacher_path), device="cpu", dtype="float32", batch_wait_s=1.0)
+    return alone, batched
+
+
+def _concurrently(engine, calls):
+    results = [None] * len(calls)
+    batches = []
+    engine.scheduler.observer = lambda jobs, sequences, tokens: batches.append(jobs)
+
+    def run(i, seqs, ranges, spec):
+        results[i] = engine.score(seqs, ranges, spec, caller=f"caller{i}")
+
+    threads = [threading.Thread(target=run, args=(i, *call)) for i, call in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    engine.scheduler.observer = None
+    return results, batches
+
+
+def _calls(lengths_per_caller, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    specs = [SupportSpec("topk", k=5), SupportSpec("sampled", n=6, seed=3), SupportSpec("dense"), None]
+    calls = []
+    for i, lengths in enumerate(lengths_per_caller):
+        seqs = [torch.randint(7, 77, (n,), generator=g) for n in lengths]
+        ranges = [(1, n) for n in lengths]
+        spec = specs[i % len(specs)]
+        if spec is None:
+            spec = SupportSpec("indices", k=2, indices=torch.randint(-1, 77, (sum(n - 1 for n in lengths), 3), generator=g))
+        calls.append((seqs, ranges, spec))
+    return calls
+
+
+def test_equal_lengths_batch_bit_identically(engines):
+    alone, batched = engines
+    calls = _calls([[24, 24], [24], [24, 24, 24], [24]])
+    expected = [alone.score(*call) for call in calls]
+    results, batches = _concurrently(batched, calls)
+    assert max(batches) == len(calls)  # one micro-batch held every caller's sequences
+    for got, want in zip(results, expected):
+        assert torch.equal(got.logprobs, want.logprobs)
+        if want.indices is not None:
+            assert torch.equal(got.indices, want.indices)
+        if want.weights is not None:
+            assert torch.equal(got.weights, want.weights)
+
+
+def test_mixed_lengths_batch_within_fp32_round_off(engines):
+    """Padding to a longer companion changes attention's tiling: values move in the last bits only."""
+    alone, batched = engines
+    calls = _calls([[9, 30], [17], [5, 12, 40], [26]])
+    expected = [alone.score(*call) for call in calls]
+    results, batches = _concurrently(batched, calls)
+    assert max(batches) > 1
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=0)
+        assert got.logprobs.shape == want.logprobs.shape
+        if want.indices is not None and got.weights is None:
+            assert torch.equal(got.indices, want.indices)

@@ -1,0 +1,149 @@
+"""The teacher cluster on a local Ray Serve: the same answers as `adpa serve`, two replicas, batches
+shared by several clients, auth, and the KubeRay manifest agreeing with deploy/serve.yaml."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+import torch
+import yaml
+
+from adpa.client import TeacherClient
+from adpa.protocol import SupportSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQUENCES = [[5, 37, 7, 8, 17, 2, 6, 9, 10, 11, 12], [5, 7, 7, 2, 6, 11], [1, 40, 41, 42, 43, 44, 45, 2, 6, 20]]
+RANGES = [(0, 11), (2, 6), (5, 10)]
+P = sum(b - a for a, b in RANGES)
+SUPPORTS = {
+    "topk": SupportSpec("topk", k=5),
+    "indices": SupportSpec("indices", k=2, indices=torch.randint(-1, 77, (P, 3), generator=torch.Generator().manual_seed(0))),
+    "sampled": SupportSpec("sampled", n=16, seed=7),
+    "dense": SupportSpec("dense"),
+}
+
+
+@pytest.fixture(scope="module")
+def on_ray(ray_app):
+    with TeacherClient(ray_app["endpoint"], token=ray_app["token"], timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def standalone(teacher_server):
+    with TeacherClient(teacher_server.endpoint, timeout=60) as client:
+        yield client
+
+
+@pytest.mark.parametrize("support", list(SUPPORTS))
+@pytest.mark.parametrize("signal", ["logprobs", "advantage"])
+def test_same_answers_as_the_standalone_services(on_ray, standalone, signal, support):
+    spec = SUPPORTS[support]
+    kwargs = dict(signal=signal, support=spec, include_logprobs=signal == "advantage")
+    got = on_ray.score(SEQUENCES, RANGES, **kwargs)
+    want = standalone.score(SEQUENCES, RANGES, **kwargs)
+    assert got.model == want.model and got.reference == want.reference  # same fingerprints
+    torch.testing.assert_close(got.values, want.values, atol=2e-5, rtol=0)
+    for name in ("indices", "tail", "weights"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    assert got.extras.keys() == want.extras.keys()
+
+
+def test_the_handshake_names_both_models(on_ray, teacher_path, reference_path):
+    info = on_ray.info()
+    assert info.role == "teacher" and info.beta == 0.5
+    assert info.model.model_name == str(teacher_path) and info.reference.model_name == str(reference_path)
+
+
+def test_concurrent_clients_get_their_own_rows_from_both_replicas(ray_app, standalone):
+    """Six clients at once, each with its own request; the replicas' micro-batches mix them."""
+    g = torch.Generator().manual_seed(1)
+    requests = []
+    for i in range(6):
+        seqs = [torch.randint(7, 77, (int(n),), generator=g).tolist() for n in torch.randint(4, 30, (3,), generator=g)]
+        requests.append((seqs, [(1, len(s)) for s in seqs]))
+    answers, replicas = [None] * 6, [set() for _ in range(6)]
+
+    def client(i):
+        with TeacherClient(ray_app["endpoint"], token=ray_app["token"], timeout=60) as c:
+            for _ in range(3):
+                answer = c.score(*requests[i], signal="advantage", support=SupportSpec("topk", k=4))
+                replicas[i].add(answer.replica)
+            answers[i] = answer
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for (seqs, ranges), answer in zip(requests, answers):
+        want = standalone.score(seqs, ranges, signal="advantage", support=SupportSpec("topk", k=4))
+        assert answer.values.shape == want.values.shape
+        torch.testing.assert_close(answer.values, want.values, atol=2e-5, rtol=0)
+        assert torch.equal(answer.indices, want.indices)
+    served_by = set().union(*replicas)
+    assert len(served_by) == 2 and all("teacher" in r for r in served_by)
+    # Batches formed: some micro-batch of a replica held more than one request.
+    text = ""
+    for _ in range(8):  # /metrics answers from one replica at a time
+        text += httpx.get(f"{ray_app['http']}/metrics", timeout=30).text
+    shared = [line for line in text.splitlines() if line.startswith("adpa_batch_requests_bucket")
+              and 'le="1.0"' in line]
+    counts = [line for line in text.splitlines() if line.startswith("adpa_batch_requests_count")]
+    assert any(float(c.split()[-1]) > float(s.split()[-1]) for c, s in zip(counts, shared)), text[-2000:]
+
+
+def test_auth_refuses_a_missing_token(ray_app):
+    with TeacherClient(ray_app["endpoint"], timeout=30) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.info()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert httpx.get(f"{ray_app['http']}/v1/info", timeout=30).status_code == 401
+    assert httpx.get(f"{ray_app['http']}/healthz", timeout=30).status_code == 200  # probes need no token
+    ok = httpx.get(f"{ray_app['http']}/v1/info", headers={"authorization": f"Bearer {ray_app['token']}"}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["role"] == "teacher"
+
+
+def test_bad_input_gets_its_status_not_a_trace(on_ray):
+    with pytest.raises(grpc.RpcError) as err:
+        on_ray.score([[5, 6, 999]], [(0, 3)])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "outside the vocabulary" in err.value.details() and "Traceback" not in err.value.details()
+    assert on_ray.score([[5, 6, 7]], [(0, 3)]).values.shape == (3, 32)  # still serving
+
+
+def test_grpc_health_and_readiness(ray_app):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(ray_app["endpoint"].removeprefix("grpc://")) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="adpa.v1.Scorer"))
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    assert httpx.get(f"{ray_app['http']}/readyz", timeout=30).json() == {"ready": True}
+
+
+def test_kuberay_manifest_runs_the_same_application():
+    serve_yaml = yaml.safe_load((ROOT / "deploy/serve.yaml").read_text())
+    service = yaml.safe_load((ROOT / "deploy/kuberay/rayservice.yaml").read_text())
+    in_cluster = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert in_cluster["applications"] == serve_yaml["applications"]
+    assert in_cluster["grpc_options"]["grpc_servicer_functions"] == serve_yaml["grpc_options"]["grpc_servicer_functions"]
+
+
+def test_serve_yaml_is_a_valid_serve_config_of_this_application():
+    from ray.serve.schema import ServeDeploySchema
+
+    from adpa.services.ray.app import GRPC_SERVICER_FUNCTIONS, build_app
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy/serve.yaml").read_text()))
+    assert config.grpc_options.grpc_servicer_functions == GRPC_SERVICER_FUNCTIONS
+    (app,) = config.applications
+    assert app.import_path == "adpa.services.ray.app:build_app"
+    assert {d.name for d in app.deployments} == {"teacher", "reference"}
+    build_app(app.args)  # every argument is a ServeConfig field with a valid value
