@@ -68,6 +68,10 @@ class ServeConfig(AdpaSettings):
     )
     ray_replicas: int = Field(1, description="with ray: teacher replicas")
     ray_reference_replicas: int = Field(1, description="with ray: reference replicas (when the reference is a model)")
+    ray_colocate_reference: bool = Field(
+        False, description="with ray: load the reference model in every teacher replica (one forward each, no "
+        "transfer) instead of running a reference deployment"
+    )
     ray_cpus_per_replica: float = Field(1.0, description="with ray: CPUs reserved by each replica")
     ray_gpus_per_replica: float = Field(0.0, description="with ray: GPUs reserved by each replica (e.g. 1, or 0.5 to pack two)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")

@@ -147,3 +147,62 @@ def test_serve_yaml_is_a_valid_serve_config_of_this_application():
     assert app.import_path == "adpa.services.ray.app:build_app"
     assert {d.name for d in app.deployments} == {"teacher", "reference"}
     build_app(app.args)  # every argument is a ServeConfig field with a valid value
+
+
+def test_ray_flag_refuses_an_open_grpc_proxy_without_a_token(capsys):
+    from adpa.cli import main
+
+    assert main(["serve", "--ray", "--role", "teacher", "--model", "m", "--reference", "r"]) == 2
+    assert "listens on every interface" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--role", "reference", "--model", "m", "--auth-token", "t"]) == 2
+    assert "serve the teacher" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_adpa_serve_ray_starts_answers_and_stops_on_sigterm(tmp_path, teacher_path, reference_path, standalone):
+    """`adpa serve --ray`: its own local Ray, the application from flags, a clean exit on SIGTERM."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from adpa.services.launch import free_port
+
+    from .conftest import SERVER_ENV
+
+    grpc_port, http_port = free_port(), free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    env = {**os.environ, **SERVER_ENV, "ADPA_AUTH_TOKEN": "cli-token", "RAY_TMPDIR": ray_tmp}
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adpa.cli", "serve", "--ray", "--role", "teacher", "--model", str(teacher_path),
+         "--reference", str(reference_path), "--beta", "0.5", "--port", str(grpc_port), "--http-port",
+         str(http_port), "--ray-cpus-per-replica", "0.5"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        with TeacherClient(f"grpc://127.0.0.1:{grpc_port}", token="cli-token", timeout=5) as client:
+            deadline = time.monotonic() + 240
+            while True:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                try:
+                    client.info(refresh=True)
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline, "adpa serve --ray never answered"
+                    time.sleep(1)
+            got = client.score(SEQUENCES, RANGES, signal="advantage", support=SUPPORTS["topk"])
+        want = standalone.score(SEQUENCES, RANGES, signal="advantage", support=SUPPORTS["topk"])
+        torch.testing.assert_close(got.values, want.values, atol=2e-5, rtol=0)
+        assert "teacher" in got.replica
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

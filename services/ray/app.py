@@ -171,8 +171,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """The application of deploy/serve.yaml: `args` are ServeConfig fields of the teacher.
 
     `reference` is a model (a reference deployment is created for it, with the same settings
-    but for `reference_*` keys, e.g. `reference_dtype`), or the endpoint grpc://host:port of a
-    reference service running elsewhere (no reference deployment). `ray_*` fields give each
+    but for `reference_*` keys, e.g. `reference_dtype`; or, with `ray_colocate_reference`, each
+    teacher replica loads it beside pi_dpo), or the endpoint grpc://host:port of a reference
+    service running elsewhere (no reference deployment). `ray_*` fields give each
     deployment's replicas and resources; a `deployments:` entry of a Serve config overrides them.
     Tokens come from the environment (ADPA_AUTH_TOKEN, ADPA_REFERENCE_TOKEN; runtime_env
     env_vars in a Serve config), never from the arguments, so they stay out of Serve's config.
@@ -192,7 +193,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         )
 
     teacher = Teacher.options(**options(config.ray_replicas))
-    if config.remote_reference:
+    if config.remote_reference or config.ray_colocate_reference:  # no reference deployment
         return teacher.bind(args)
     reference_args = {**{k: v for k, v in args.items() if k != "reference"}, **overrides, "model": config.reference}
     return teacher.bind(args, Reference.options(**options(config.ray_reference_replicas)).bind(reference_args))

@@ -10,6 +10,7 @@ and its HTTP proxy on `host:http_port`, deploys `build_app`, and tears it down o
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -54,15 +55,23 @@ def check_settings(config: ServeConfig) -> None:
 
 
 def serve_on_ray(config: ServeConfig) -> None:
+    # Ray's crash handler in this driver would also catch the SIGTERM that asks for a clean stop
+    # (and abort the process after the drain); set before Ray loads. Replicas keep theirs.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import ray
     from ray import serve
 
     from adpa.services.ray.app import GRPC_SERVICER_FUNCTIONS, build_app
 
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_settings(config)
     ray.init(address=config.ray_address, include_dashboard=False,
              runtime_env={"env_vars": secret_env(config)} if secret_env(config) else None)
+    # After ray.init, which installs its own SIGTERM handler (exit at once): a stop asked for
+    # while the application deploys waits for the deployment, then tears it down.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(
             http_options={"host": config.host, "port": config.http_port},
@@ -71,12 +80,13 @@ def serve_on_ray(config: ServeConfig) -> None:
         serve.run(build_app(app_args(config)), name=APP_NAME, route_prefix="/")
         logger.info("Ray Serve application %r: gRPC on :%d, HTTP on %s:%d", APP_NAME, config.port, config.host,
                     config.http_port)
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
         stop.wait()
         logger.info("deleting the application")
         serve.delete(APP_NAME)
     finally:
+        # Stopping now: a further SIGTERM (a supervisor repeating it, or Ray's process reaper
+        # signalling its process group, which includes this driver) must not cut the teardown.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         serve.shutdown()
         ray.shutdown()
+        logger.info("stopped")
