@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.adpa-installed
 PROTOC := $(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto
 
-.PHONY: install test demo proto bench clean
+.PHONY: install test demo proto bench deploy-check clean
 
 install: $(STAMP)
 
@@ -32,6 +32,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/fidelity.py
 	$(BIN)/python bench/step_overhead.py
+
+# The deployment files offline (no Docker engine needed): hadolint, the Compose schema, and
+# tests/test_deploy.py, which runs the CPU stack's commands and health checks as processes.
+deploy-check: $(STAMP)
+	$(BIN)/hadolint deploy/Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+	$(BIN)/python -m pytest -q tests/test_deploy.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
