@@ -21,7 +21,8 @@ S = TypeVar("S", bound="AdpaSettings")
 class AdpaSettings(BaseSettings):
     """Base of every config: ADPA_<FIELD> environment variables, unknown keys rejected."""
 
-    model_config = SettingsConfigDict(env_prefix="ADPA_", extra="forbid")
+    # An empty ADPA_* variable (e.g. `ADPA_AUTH_TOKEN=` from a compose .env) means unset, not "".
+    model_config = SettingsConfigDict(env_prefix="ADPA_", extra="forbid", env_ignore_empty=True)
 
     @classmethod
     def load(cls: type[S], config_file: str | Path | None = None, **overrides: Any) -> S:

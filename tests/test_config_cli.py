@@ -92,3 +92,20 @@ def test_teacher_refuses_a_reference_with_another_tokenizer(teacher_path, other_
     with pytest.raises(RuntimeError, match="exited with code"):
         server.start()
     assert "do not share a tokenizer" in (tmp_path / "serve.log").read_text()
+
+
+def test_an_empty_environment_variable_is_unset(monkeypatch):
+    """`ADPA_AUTH_TOKEN=` (an empty line in a compose .env) must not turn auth on with an empty token."""
+    monkeypatch.setenv("ADPA_AUTH_TOKEN", "")
+    monkeypatch.setenv("ADPA_TLS_CERT", "")
+    cfg = load(["--role", "reference", "--model", "m"])
+    assert cfg.auth_token is None and cfg.tls_cert is None
+
+
+def test_a_reference_ignores_the_teachers_reference_variable(monkeypatch):
+    """The Ray reference deployment loads its settings with reference="" over an ADPA_REFERENCE meant
+    for the teacher (they share one environment on a Ray node)."""
+    monkeypatch.setenv("ADPA_REFERENCE", "grpc://elsewhere:50052")
+    assert ServeConfig.load(role="teacher", model="m").reference == "grpc://elsewhere:50052"
+    cfg = ServeConfig.load(role="reference", model="m", reference="")
+    assert cfg.role == "reference" and not cfg.remote_reference

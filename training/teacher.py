@@ -12,6 +12,8 @@ local one rounds through the wire encoding too), so a run against either gives t
 
 from __future__ import annotations
 
+import os
+
 from adpa import codec
 from adpa.client import Teacher, TeacherClient
 from adpa.protocol import ModelInfo, ScoreQuery, ScoreResult
@@ -49,7 +51,11 @@ class LocalTeacher(Teacher):
 def connect_teacher(
     spec: str, *, reference: str | None = None, beta: float = 0.1, token: str | None = None, timeout: float = 300.0
 ) -> Teacher:
-    """'local:PATH' (with `reference`), or comma-separated endpoints 'grpc://host:port,...'."""
+    """'local:PATH' (with `reference`), or comma-separated endpoints 'grpc://host:port,...'.
+
+    `token` defaults to the ADPA_TEACHER_TOKEN environment variable (kept out of `ps`, unlike a flag).
+    """
     if spec.startswith("local:"):
         return LocalTeacher.from_paths(spec.removeprefix("local:"), reference, beta=beta)
+    token = token or os.environ.get("ADPA_TEACHER_TOKEN") or None
     return TeacherClient(spec.split(","), token=token, timeout=timeout)

@@ -54,7 +54,8 @@ class Reference:
     forward micro-batches (the engine's batching)."""
 
     def __init__(self, config: dict[str, Any]):
-        self.service = build_service(ServeConfig.load(**{**config, "role": "reference"}))
+        # reference="" overrides an ADPA_REFERENCE in the environment (meant for the teacher).
+        self.service = build_service(ServeConfig.load(**{**config, "role": "reference", "reference": ""}))
 
     def fingerprint(self) -> ModelFingerprint:
         return self.service.engine.fingerprint
