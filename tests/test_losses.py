@@ -746,3 +746,67 @@ def test_support_floor_applies_where_the_teacher_sent_both_models_logprobs():
     assert not torch.equal(floored, values)  # the floor changes something here
     expected = losses.sparse_adpa_loss(indices, floored, tail, x.other.logits, MASK, gamma=GAMMA)
     assert parts["advantage_term"].item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+# -- nothing at an unscored position reaches a loss or its gradient ---------------------------
+
+
+def _unscored_cases():
+    """(name, fn(logits, mask, teacher inputs...) -> scalar, teacher inputs (B, T, ...)) for every loss."""
+    B, T, V, m = 2, 3, 6, 3
+    g = torch.Generator().manual_seed(11)
+    idx = torch.stack([torch.randperm(V, generator=g)[:m] for _ in range(B * T)]).reshape(B, T, m)
+    idx[1, 2, 2] = -1
+    vals = torch.randn(B, T, m, generator=g).log_softmax(-1) - 0.5
+    tail = torch.randn(B, T, generator=g) - 2.0
+    dense_t = torch.randn(B, T, V, generator=g).log_softmax(-1)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    return (B, T, V), [
+        ("sft", lambda z, msk: losses.sft_loss(z, labels, msk), {}),
+        ("sequence_logprobs", lambda z, msk: losses.sequence_logprobs(z, labels, msk, average=True).sum(), {}),
+        ("dense_kl", lambda z, msk, p: losses.dense_kl(p, z, msk), {"p": dense_t}),
+        ("sparse_kl", lambda z, msk, v, tl, ix: losses.sparse_kl(ix, v, tl, z, msk), {"v": vals, "tl": tail, "ix": idx}),
+        ("dense_adpa", lambda z, msk, a: losses.dense_adpa_loss(a, z, msk, 1.0), {"a": dense_t}),
+        ("sparse_adpa", lambda z, msk, v, tl, ix: losses.sparse_adpa_loss(ix, v, tl, z, msk, 1.0),
+         {"v": vals, "tl": tail, "ix": idx}),
+        ("release_adpa", lambda z, msk, v, ix: losses.release_adpa_loss(ix, v, z, msk, 1.6), {"v": vals, "ix": idx}),
+        ("q_argmax", lambda z, msk, v, ix: losses.q_argmax_kd_loss(ix, v, z, msk), {"v": vals, "ix": idx}),
+        ("q_softmax", lambda z, msk, v, ix: losses.q_softmax_kd_loss(ix, v, z, msk), {"v": vals, "ix": idx}),
+    ]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("case", range(9), ids=[c[0] for c in _unscored_cases()[1]])
+def test_non_finite_values_at_unscored_positions_change_nothing(case, bad):
+    """The module's promise, for every loss: a nan or inf at an unscored position (in the student's
+    logits or in any teacher input) changes neither the value nor the gradient (issue's reproduction:
+    a -inf advantage there made dense ADPA's gradient nan)."""
+    (B, T, V), cases = _unscored_cases()
+    name, fn, teacher = cases[case]
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    logits = torch.randn(B, T, V, generator=torch.Generator().manual_seed(3))
+
+    def run(z, inputs):
+        z = z.clone().requires_grad_(True)
+        value = fn(z, mask, **inputs)
+        value.backward()
+        return value.detach(), z.grad
+
+    clean_value, clean_grad = run(logits, teacher)
+    dirty_logits = logits.clone()
+    dirty_logits[0, 1] = bad
+    dirty_logits[1, 2, 0] = bad
+    dirty = {}
+    for key, tensor in teacher.items():
+        tensor = tensor.clone()
+        if tensor.is_floating_point():
+            tensor[0, 1] = bad
+            tensor[1, 2] = bad
+        else:  # indices: anything at unscored positions
+            tensor[0, 1] = torch.tensor([5, 5, -7])[: tensor.shape[-1]]
+        dirty[key] = tensor
+    value, grad = run(dirty_logits, dirty)
+    assert torch.isfinite(value) and torch.isfinite(grad).all(), name
+    torch.testing.assert_close(value, clean_value)
+    torch.testing.assert_close(grad, clean_grad)
+    assert (grad[~mask] == 0).all()

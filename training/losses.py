@@ -46,6 +46,17 @@ RELEASE_CLAMP = (1e-8, 1.0)
 # -- shared pieces ---------------------------------------------------------------------------
 
 
+def _scored_only(x: torch.Tensor, mask: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """`x` (B, T, ...) with every unscored position replaced by `fill`.
+
+    Applied to every per-position input before use, so a nan or inf at an unscored position
+    (a padded logit, an empty teacher row) reaches neither the value nor the gradient: masking
+    only the reduced result would still let 0 * inf = nan flow back through the gradient.
+    """
+    scored = mask.bool().reshape(*mask.shape, *([1] * (x.dim() - mask.dim())))
+    return torch.where(scored, x, torch.tensor(fill, dtype=x.dtype, device=x.device))
+
+
 def _student_logprobs(logits: torch.Tensor) -> torch.Tensor:
     """log pi_theta(. | s_t), in fp32 whatever the model's dtype."""
     return logits.float().log_softmax(-1)  # (B, T, V)
@@ -96,7 +107,7 @@ def sft_loss(
     logits (B, T, V), labels (B, T) int64 (any value at unscored positions, -100 included),
     mask (B, T) -> scalar.
     """
-    logq = _student_logprobs(logits)  # (B, T, V)
+    logq = _student_logprobs(_scored_only(logits, mask))  # (B, T, V)
     token_logq = logq.gather(-1, labels.long().clamp(min=0)[..., None]).squeeze(-1)  # (B, T)
     return _reduce(-token_logq, mask, reduction)
 
@@ -109,7 +120,7 @@ def sequence_logprobs(
     With `average`, divided by the number of scored positions (SimPO's length-normalised
     log-likelihood). logits (B, T, V), labels (B, T), mask (B, T) -> (B,).
     """
-    logq = _student_logprobs(logits)  # (B, T, V)
+    logq = _student_logprobs(_scored_only(logits, mask))  # (B, T, V)
     token_logq = logq.gather(-1, labels.long().clamp(min=0)[..., None]).squeeze(-1)  # (B, T)
     scored = mask.bool()
     total = torch.where(scored, token_logq, 0.0).sum(-1)  # (B,)
@@ -167,8 +178,8 @@ def dense_kl(
     teacher_logprobs (B, T, V) (any float dtype, -inf allowed: those tokens add 0),
     logits (B, T, V), mask (B, T) -> scalar.
     """
-    logq = _student_logprobs(logits)  # (B, T, V)
-    per_token = _kl_terms(teacher_logprobs.float(), logq).sum(-1)  # (B, T)
+    logq = _student_logprobs(_scored_only(logits, mask))  # (B, T, V)
+    per_token = _kl_terms(_scored_only(teacher_logprobs.float(), mask), logq).sum(-1)  # (B, T)
     return _reduce(per_token, mask, reduction)
 
 
@@ -191,10 +202,11 @@ def sparse_kl(
     indices (B, T, m), teacher_values (B, T, m) teacher log-probs, teacher_tail (B, T) log tail
     mass, logits (B, T, V), mask (B, T) -> scalar.
     """
-    logq = _student_logprobs(logits)  # (B, T, V)
-    logp_support = teacher_values.float().masked_fill(indices < 0, float("-inf"))  # (B, T, m)
+    logq = _student_logprobs(_scored_only(logits, mask))  # (B, T, V)
+    indices = _scored_only(indices, mask, fill=-1)
+    logp_support = _scored_only(teacher_values.float(), mask).masked_fill(indices < 0, float("-inf"))  # (B, T, m)
     support_term = _kl_terms(logp_support, _gather(logq, indices)).sum(-1)  # (B, T)
-    tail_term = _kl_terms(teacher_tail.float(), sparse.log_tail_mass(logq, indices))  # (B, T)
+    tail_term = _kl_terms(_scored_only(teacher_tail.float(), mask), sparse.log_tail_mass(logq, indices))  # (B, T)
     return _reduce(support_term + tail_term, mask, reduction)
 
 
@@ -248,8 +260,8 @@ def dense_adpa_loss(
     scored positions with "mean", 1 with "sum"): shift-invariant in A, and small wherever the
     student puts little mass. advantage (B, T, V), logits (B, T, V), mask (B, T) -> scalar.
     """
-    q = _student_logprobs(logits).exp()  # (B, T, V)
-    expected_advantage = (q * advantage.float()).sum(-1)  # (B, T): G_t
+    q = _student_logprobs(_scored_only(logits, mask)).exp()  # (B, T, V)
+    expected_advantage = (q * _scored_only(advantage.float(), mask)).sum(-1)  # (B, T): G_t
     return -gamma * _reduce(expected_advantage, mask, reduction)
 
 
@@ -273,15 +285,16 @@ def sparse_adpa_loss(
     indices (B, T, m), advantage_values (B, T, m), advantage_tail (B, T) or None,
     logits (B, T, V), mask (B, T) -> scalar.
     """
-    logq = _student_logprobs(logits)  # (B, T, V)
+    logq = _student_logprobs(_scored_only(logits, mask))  # (B, T, V)
+    indices = _scored_only(indices, mask, fill=-1)
     q_support = _gather(logq, indices).exp()  # (B, T, m), 0 at pads
-    advantage_support = advantage_values.float().masked_fill(indices < 0, 0.0)  # (B, T, m)
+    advantage_support = _scored_only(advantage_values.float(), mask).masked_fill(indices < 0, 0.0)  # (B, T, m)
     expected_advantage = (q_support * advantage_support).sum(-1)  # (B, T)
     if advantage_tail is not None:
         log_q_tail = sparse.log_tail_mass(logq, indices)  # (B, T)
         tail_empty = torch.isneginf(log_q_tail)
         # q_tail = 0 there, and 0 * A_tail must be 0 even when A_tail is -inf (no-reference tail).
-        tail_advantage = advantage_tail.float().masked_fill(tail_empty, 0.0)  # (B, T)
+        tail_advantage = _scored_only(advantage_tail.float(), mask).masked_fill(tail_empty, 0.0)  # (B, T)
         expected_advantage = expected_advantage + log_q_tail.exp() * tail_advantage
     return -gamma * _reduce(expected_advantage, mask, reduction)
 
@@ -373,8 +386,9 @@ def q_argmax_kd_loss(
     the student's log-prob is normalised over the full vocabulary. Ties go to the first entry.
     indices (B, T, m), advantage_values (B, T, m), logits (B, T, V), mask (B, T) -> scalar.
     """
-    logq = _student_logprobs(logits)  # (B, T, V)
-    scores = advantage_values.float().masked_fill(indices < 0, float("-inf"))  # (B, T, m)
+    logq = _student_logprobs(_scored_only(logits, mask))  # (B, T, V)
+    indices = _scored_only(indices, mask, fill=-1)
+    scores = _scored_only(advantage_values.float(), mask).masked_fill(indices < 0, float("-inf"))  # (B, T, m)
     best = indices.long().gather(-1, scores.argmax(-1, keepdim=True))  # (B, T, 1)
     token_logq = logq.gather(-1, best.clamp(min=0)).squeeze(-1)  # (B, T)
     return _reduce(-token_logq, mask, reduction)
@@ -397,6 +411,9 @@ def q_softmax_kd_loss(
     KL(softmax(A / temperature) || pi_theta) exactly.
     indices (B, T, m), advantage_values (B, T, m), logits (B, T, V), mask (B, T) -> scalar.
     """
+    logits = _scored_only(logits, mask)
+    indices = _scored_only(indices, mask, fill=-1)
+    advantage_values = _scored_only(advantage_values.float(), mask)
     valid = indices >= 0  # (B, T, m)
     # A position without a support (an unscored one: all pads) gets token 0 repeated m times
     # instead: its KL is 0, and no -inf - -inf makes a nan in the value or the gradient.
