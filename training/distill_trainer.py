@@ -9,6 +9,11 @@ calls the spec's loss and logs its named parts.
 Micro-batches are planned up front (a seeded shuffle of the records), and the DataLoader hands
 out plan item numbers; that is what lets the prefetcher know what comes next, and what keeps
 resumed runs identical to uninterrupted ones.
+
+Data parallel (torchrun / accelerate launch, DDP or FSDP or ZeRO-3): accelerate hands rank r the
+items r, r + W, r + 2W, ... (W processes). The plan has a multiple of W items, so no item is handed
+out twice; each rank samples, stages, fetches and caches only its own items, and offline samples are
+seeded per record, so W ranks draw what one process draws.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,7 +39,7 @@ from adpa.training.data import PreferenceExample
 from adpa.training.distill_config import DistillConfig
 from adpa.training.methods import LossInputs, Scored
 from adpa.training.prefetch import Prefetcher
-from adpa.training.rollout import generate_responses
+from adpa.training.rollout import generate_responses, generation_model
 from adpa.training.teacher import Teacher
 
 logger = logging.getLogger(__name__)
@@ -72,11 +79,40 @@ def _collate(items: list[dict]) -> dict:
     return {"item": torch.tensor([it["item"] for it in items])}
 
 
-def plan_batches(num_records: int, batch_size: int, seed: int) -> list[list[int]]:
-    """A seeded shuffle of record indices cut into micro-batches (the last one may be smaller)."""
+# Offline samples: record i is drawn from its own stream, seeded with seed * OFFLINE_SEED_STRIDE + i.
+OFFLINE_SEED_STRIDE = 1_000_003
+# Offline samples are drawn this many records at a time (rounded to whole micro-batches).
+SAMPLE_BATCH = 64
+
+
+def plan_batches(num_records: int, batch_size: int, seed: int, world_size: int = 1) -> list[list[int]]:
+    """A seeded shuffle of record indices cut into micro-batches of `batch_size`.
+
+    The number of micro-batches is `world_size * ceil(num_records / (world_size * batch_size))`, a
+    multiple of the number of processes, so accelerate's `even_batches` never has to repeat one (it
+    hands the first items out again to ranks that would otherwise run short: those records would be
+    trained on twice). The records that don't fill whole micro-batches are spread evenly over the
+    last ones, which are smaller. With one process this is the plain cut: full micro-batches and
+    the remainder last.
+    """
+    if batch_size < 1 or world_size < 1:
+        raise ValueError(f"batch_size and world_size must be >= 1, got {batch_size}, {world_size}")
     order = list(range(num_records))
     random.Random(seed).shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, num_records, batch_size)]
+    items = world_size * -(-num_records // (world_size * batch_size))
+    if num_records < items:
+        raise ValueError(
+            f"{num_records} records can't be cut into a multiple of {world_size} micro-batches of at most "
+            f"{batch_size} (per_device_train_batch_size) without repeating a record: every one of the "
+            f"{world_size} processes needs a micro-batch in every step. Use a number of records that is a "
+            f"multiple of {world_size}, or at least {2 * world_size} records with per_device_train_batch_size >= 2."
+        )
+    # As many full micro-batches as leave at least one record for each remaining one.
+    full = items if batch_size == 1 else min(items, (num_records - items) // (batch_size - 1))
+    rest, tail = num_records - full * batch_size, items - full
+    sizes = [batch_size] * full + [rest // tail + (k < rest % tail) for k in range(tail)]
+    starts = [sum(sizes[:k]) for k in range(items)]
+    return [order[s : s + n] for s, n in zip(starts, sizes)]
 
 
 class DistillTrainer(Trainer):
@@ -92,12 +128,22 @@ class DistillTrainer(Trainer):
         if not train_records:
             raise ValueError("no training records")
         args.remove_unused_columns = False
+        _refuse_fsdp_on_cpu(args)
         self.records = train_records
-        self.plan = plan_batches(len(train_records), args.per_device_train_batch_size, args.seed)
+        self.world_size = args.world_size  # data-parallel processes (sets up torch.distributed when launched)
+        self.plan = plan_batches(len(train_records), args.per_device_train_batch_size, args.seed, self.world_size)
         super().__init__(
             model=model, args=args, train_dataset=_PlanItems(len(self.plan)), data_collator=_collate,
             processing_class=tokenizer, **kwargs,
         )
+        if self.accelerator.num_processes != self.world_size:
+            raise RuntimeError(f"planned for {self.world_size} processes, accelerate runs {self.accelerator.num_processes}")
+        if _fsdp_requested(args) and not self.is_fsdp_enabled:
+            raise ValueError(
+                f"FSDP was requested (--fsdp or an accelerate FSDP config) but accelerate runs "
+                f"{self.accelerator.distributed_type.value}: it would train unsharded without saying so"
+            )
+        self.rank = self.accelerator.process_index
         self.spec = args.method_spec
         self.teacher = teacher
         self.teacher_info = teacher.check_compatible(tokenizer, model.get_output_embeddings().weight.shape[0])
@@ -112,7 +158,7 @@ class DistillTrainer(Trainer):
                            "clamping", args.support_k, args.student_k, vocab, max_k)
             args.support_k, args.student_k = min(args.support_k, vocab, max_k), min(args.student_k, vocab)
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        self._samples: list[list[int]] | None = None
+        self._samples: dict[int, list[int]] | None = None  # record index -> offline sample (this rank's records)
         self._cache = Path(args.cache_dir) / self._cache_key() if args.cache_dir else None
         self.prefetcher: Prefetcher | None = None  # made per train() call
 
@@ -127,6 +173,7 @@ class DistillTrainer(Trainer):
     def _cache_key(self) -> str:
         a = self.args
         payload = {
+            "layout": 2,  # 2: offline samples seeded per record, stored per plan item (samples-<j>.json)
             "student": model_fingerprint(str(getattr(self.model.config, "_name_or_path", ""))),
             "teacher": [self.teacher_info.model.model_hash,
                         self.teacher_info.reference.model_hash if self.teacher_info.reference else None],
@@ -139,23 +186,75 @@ class DistillTrainer(Trainer):
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _offline_samples(self) -> list[list[int]]:
-        """Student samples for every record, drawn once from the initial student (and cached)."""
+    # -- data parallel --------------------------------------------------------------------------
+
+    @property
+    def my_items(self) -> range:
+        """The plan items this rank trains on: accelerate hands rank r the items r, r + W, ..."""
+        return range(self.rank, len(self.plan), self.world_size)
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters sharded across ranks (FSDP, DeepSpeed ZeRO-3): every forward is a collective."""
+        from trl.distributed import DistributedBackend
+
+        backend = DistributedBackend(self.accelerator)
+        return backend.is_fsdp or backend.is_zero3
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.world_size == 1:
+            return flag
+        total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.args.device), reduction="sum")
+        return bool(total.item())
+
+    @contextmanager
+    def _generating(self):
+        """The student to sample from (unwrapped, sharded parameters gathered), and `synced_gpus`."""
+        with generation_model(self.model_wrapped, self.accelerator) as model:
+            yield model, self.sharded and self.world_size > 1
+
+    # -- offline samples ------------------------------------------------------------------------
+
+    def _samples_path(self, j: int) -> Path | None:
+        return self._cache / f"samples-{j}.json" if self._cache else None
+
+    def _offline_samples(self) -> dict[int, list[int]]:
+        """Student samples for this rank's records, drawn once from the initial student (and cached).
+
+        Record i's sample is drawn from its own stream (seed * OFFLINE_SEED_STRIDE + i), so it does
+        not depend on the number of processes or on which records share its batch. Each rank draws
+        only the records of its own plan items; the cache holds one file per item.
+        """
         if self._samples is None:
-            path = self._cache / "samples.json" if self._cache else None
-            if path is not None and path.exists():
-                self._samples = json.loads(path.read_text())
-                logger.info("reusing %d cached student samples from %s", len(self._samples), path)
-            else:
-                logger.info("sampling %d responses from the initial student", len(self.records))
-                self._samples = generate_responses(
-                    self.model, self.processing_class, [r.prompt for r in self.records],
-                    max_new_tokens=self.args.max_new_tokens, do_sample=not self.args.rollout_greedy,
-                    temperature=self.args.rollout_temperature, seed=self.args.seed,
-                )
-                if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(json.dumps(self._samples))
+            mine = list(self.my_items)
+            cached = {j: _read_json(self._samples_path(j)) for j in mine}
+            todo = [j for j in mine if cached[j] is None]
+            # With sharded parameters every rank must make the same generate calls: all or none.
+            if self.sharded and self._any_rank(bool(todo)):
+                todo = mine
+            if len(todo) < len(mine):
+                logger.info("reusing cached student samples for %d micro-batches", len(mine) - len(todo))
+            if todo:
+                logger.info("rank %d: sampling %d responses from the initial student (%d micro-batches)",
+                            self.rank, sum(len(self.plan[j]) for j in todo), len(todo))
+                # Whole micro-batches at a time, so every rank makes the same number of generate calls.
+                step = max(1, SAMPLE_BATCH // self.args.per_device_train_batch_size)
+                with self._generating() as (model, synced):
+                    for start in range(0, len(todo), step):
+                        chunk = todo[start : start + step]
+                        records = [i for j in chunk for i in self.plan[j]]
+                        drawn = generate_responses(
+                            model, self.processing_class, [self.records[i].prompt for i in records],
+                            max_new_tokens=self.args.max_new_tokens, do_sample=not self.args.rollout_greedy,
+                            temperature=self.args.rollout_temperature, seed=self.args.seed,
+                            row_seeds=[self.args.seed * OFFLINE_SEED_STRIDE + i for i in records],
+                            batch_size=len(records), synced_gpus=synced,
+                        )
+                        for j in chunk:
+                            cached[j], drawn = drawn[: len(self.plan[j])], drawn[len(self.plan[j]) :]
+                            if self._cache:
+                                _write_json(self._samples_path(j), cached[j])
+            self._samples = {i: sample for j in mine for i, sample in zip(self.plan[j], cached[j])}
         return self._samples
 
     def _stage(self, j: int) -> Staged:
@@ -170,11 +269,12 @@ class DistillTrainer(Trainer):
         if self.args.rollout == "offline":
             samples = [self._offline_samples()[i] for i in self.plan[j]]
         else:
-            samples = generate_responses(
-                self.model, self.processing_class, prompts, max_new_tokens=self.args.max_new_tokens,
-                do_sample=not self.args.rollout_greedy, temperature=self.args.rollout_temperature,
-                seed=self.args.seed * 1_000_003 + j,
-            )
+            with self._generating() as (model, synced):
+                samples = generate_responses(
+                    model, self.processing_class, prompts, max_new_tokens=self.args.max_new_tokens,
+                    do_sample=not self.args.rollout_greedy, temperature=self.args.rollout_temperature,
+                    seed=self.args.seed * 1_000_003 + j, synced_gpus=synced,
+                )
         # A sample of zero tokens can't be scored; give it the EOS it would have ended with.
         samples = [s or [self.processing_class.eos_token_id] for s in samples]
         other = make_batch(prompts, samples, self.pad_id)
@@ -214,7 +314,9 @@ class DistillTrainer(Trainer):
         chosen_signals, other_signals = signals.get("chosen"), signals.get("other")
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"chosen": chosen_signals, "other": other_signals}, path)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            torch.save({"chosen": chosen_signals, "other": other_signals}, tmp)
+            tmp.replace(path)  # readers (a later run, another host) never see a partial file
         return Prepared(staged.chosen, staged.other, chosen_signals, other_signals)
 
     # -- the loss -----------------------------------------------------------------------------
@@ -225,7 +327,11 @@ class DistillTrainer(Trainer):
                 self._stage, self._fetch, limit=len(self.plan), depth=self.args.prefetch,
                 stride=self.accelerator.num_processes,
             )
-        prepared = self.prefetcher.get(int(inputs["item"][0]))
+        j = int(inputs["item"][0])
+        if j % self.world_size != self.rank:
+            raise RuntimeError(f"rank {self.rank} of {self.world_size} was handed plan item {j}: accelerate sharded "
+                               "the data differently than planned (split_batches or dispatch_batches set?)")
+        prepared = self.prefetcher.get(j)
         device = next(model.parameters()).device
         a = self.args
         chosen = _forward(model, prepared.chosen, prepared.chosen_signals, device)
@@ -241,16 +347,31 @@ class DistillTrainer(Trainer):
     # -- logging and cleanup --------------------------------------------------------------------
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs:
-            logs.update({name: sum(v) / len(v) for name, v in self._metrics.items() if v})
+        if "loss" in logs:  # every rank logs at the same steps, so the parts are averaged over all ranks
+            names = [*self.spec.parts, *sorted(set(self._metrics) - set(self.spec.parts))]
+            totals = torch.tensor([[sum(self._metrics[name]), len(self._metrics[name])] for name in names],
+                                  dtype=torch.float64, device=self.args.device)
+            if self.world_size > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            logs.update({name: total / count for name, (total, count) in zip(names, totals.tolist()) if count})
             self._metrics.clear()
         super().log(logs, *args, **kwargs)
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if self.spec.uses_samples and self.args.rollout == "offline":
-            self._offline_samples()  # from the initial student, before a checkpoint is loaded
+            if not self.sharded:
+                self._offline_samples()  # from the initial student, before a checkpoint is loaded
+            elif resume_from_checkpoint and self._any_rank(
+                any(_read_json(self._samples_path(j)) is None for j in self.my_items)
+            ):
+                # Sharded, the student is sampled once it is wrapped (at the first step), which is after
+                # the checkpoint is loaded: the initial student's samples must come from the cache.
+                raise ValueError(
+                    "resuming offline rollouts under FSDP / ZeRO-3 needs the first run's samples: pass the "
+                    "--cache_dir it used (the initial student is gone once the checkpoint is loaded)"
+                )
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             if self.prefetcher is not None:
                 self.prefetcher.close()
@@ -278,3 +399,28 @@ def _split_signals(answer, batches: list[TokenBatch]) -> list[TeacherSignals]:
         out.append(TeacherSignals.from_result(part, batch))
         start += rows
     return out
+
+
+def _read_json(path: Path | None):
+    return json.loads(path.read_text()) if path is not None and path.exists() else None
+
+
+def _write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
+
+
+def _fsdp_requested(args) -> bool:
+    return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def _refuse_fsdp_on_cpu(args) -> None:
+    if _fsdp_requested(args) and args.device.type == "cpu":
+        raise ValueError(
+            "FSDP on CPU is not supported by the installed accelerate: it enables FSDP only on GPUs and other "
+            "accelerators (CUDA, XPU, NPU, MLU, MUSA, HPU). On CPU its FSDP1 plugin fails ('There are currently "
+            "no available devices found') and FSDP2 silently trains unsharded (DDP). Launch with the DDP config "
+            "(training/accelerate/ddp.yaml) on CPU."
+        )
