@@ -1,8 +1,9 @@
 """Batching across callers: the sequences of concurrent requests share forward micro-batches.
 
-Each request becomes a `Job` of sequences. With batching on, one worker thread per engine packs
-sequences from every waiting job into micro-batches of at most `max_batch_tokens` padded tokens,
-taking them round-robin by caller (one sequence per caller per turn, longest first within a job),
+Each request becomes a `Job` of sequences, forwarded as items: one sequence, or several that
+share a prefix (`prefix.py`). With batching on, one worker thread per engine packs items from
+every waiting job into micro-batches of at most `max_batch_tokens` padded tokens, taking them
+round-robin by caller (one item per caller per turn, longest first within a job),
 so a caller with a huge request cannot starve the small ones: its sequences are interleaved with
 theirs, a micro-batch at a time. The worker takes whatever is queued when it is free (more
 requests queue up while a forward runs); `wait_s` optionally holds a micro-batch that is not
@@ -42,50 +43,59 @@ class Job:
     add: Callable[[int, int, torch.Tensor], None]  # (sequence index, first row of its range, rows)
     should_stop: StopFn | None = None
     caller: str = ""
+    groups: list[tuple[tuple[int, ...], int]] = field(default_factory=list)  # shared prefixes (prefix.py)
     pending: int = 0
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(s) for s in self.sequences]
 
     def stopped(self) -> bool:
         return self.error is not None or (self.should_stop is not None and self.should_stop())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Item:
-    """One sequence of a job."""
+    """What is forwarded together: one sequence of a job, or several that share their first
+    `prefix` tokens (the prefix is computed once)."""
 
     job: Job
-    index: int
+    indices: tuple[int, ...]
+    prefix: int = 0
 
     @property
-    def length(self) -> int:
-        return len(self.job.sequences[self.index])
+    def rows(self) -> int:
+        return len(self.indices)
+
+    @property
+    def width(self) -> int:
+        return max(len(self.job.sequences[b]) for b in self.indices)
 
 
 ForwardFn = Callable[[list[Item]], None]
 BatchObserver = Callable[[int, int, int], None]  # (jobs, sequences, padded tokens) of one micro-batch
 
 
+def padded_tokens(items: list[Item]) -> int:
+    """The micro-batch's size as the budget counts it: rows x the longest (an upper bound for
+    items with a shared prefix, whose prefix is forwarded once)."""
+    return sum(item.rows for item in items) * max(item.width for item in items)
+
+
 def longest_first(job: Job) -> list[Item]:
-    lengths = job.lengths
-    return [Item(job, b) for b in sorted(range(len(lengths)), key=lambda i: -lengths[i])]
+    """The job's items (its shared-prefix groups, then one per remaining sequence), widest first."""
+    grouped = {b for indices, _ in job.groups for b in indices}
+    items = [Item(job, indices, prefix) for indices, prefix in job.groups]
+    items += [Item(job, (b,)) for b in range(len(job.sequences)) if b not in grouped]
+    return sorted(items, key=lambda item: -item.width)
 
 
 def plan_micro_batches(items: list[Item], max_batch_tokens: int) -> Iterator[list[Item]]:
-    """Consecutive groups of `items` with at most max_batch_tokens padded tokens (a longer one alone)."""
+    """Consecutive groups of `items` within max_batch_tokens padded tokens (a larger item alone)."""
     group: list[Item] = []
-    width = 0
     for item in items:
-        w = max(width, item.length)
-        if group and (len(group) + 1) * w > max_batch_tokens:
+        if group and padded_tokens([*group, item]) > max_batch_tokens:
             yield group
-            group, w = [], item.length
+            group = []
         group.append(item)
-        width = w
     if group:
         yield group
 
@@ -111,18 +121,19 @@ class Scheduler:
 
     def run(self, job: Job) -> None:
         """Forward every sequence of `job`; returns when all its rows were added, or raises."""
-        job.pending = len(job.sequences)
-        if not job.sequences:
+        items = longest_first(job)
+        job.pending = len(items)
+        if not items:
             return
         if not self.batching:
             with self._lock:
-                for group in plan_micro_batches(longest_first(job), self.max_batch_tokens):
+                for group in plan_micro_batches(items, self.max_batch_tokens):
                     if job.stopped():
                         raise Cancelled("request cancelled or past its deadline")
                     self._forward(group)
             return
         with self._cond:
-            self._queues.setdefault(job.caller, deque()).extend(longest_first(job))
+            self._queues.setdefault(job.caller, deque()).extend(items)
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name=self._name, daemon=True)
                 self._worker.start()
@@ -137,7 +148,7 @@ class Scheduler:
         self.forward(group)
         if self.observer is not None:
             jobs = len({item.job for item in group})
-            self.observer(jobs, len(group), len(group) * max(item.length for item in group))
+            self.observer(jobs, sum(item.rows for item in group), padded_tokens(group))
 
     def _work(self) -> None:
         while True:
@@ -166,7 +177,7 @@ class Scheduler:
         deadline = time.monotonic() + self.wait_s
         while (remaining := deadline - time.monotonic()) > 0:
             queued = [item for q in self._queues.values() for item in q]
-            if len(queued) * max(item.length for item in queued) >= self.max_batch_tokens:
+            if padded_tokens(queued) >= self.max_batch_tokens:
                 return
             self._cond.wait(remaining)
 
@@ -178,7 +189,6 @@ class Scheduler:
         start = next(self._turn) % len(callers)
         order = callers[start:] + callers[:start]
         group: list[Item] = []
-        width = 0
         while True:
             took = False
             for caller in order:
@@ -186,11 +196,10 @@ class Scheduler:
                 self._drop_stopped(queue)
                 if not queue:
                     continue
-                w = max(width, queue[0].length)
-                if group and (len(group) + 1) * w > self.max_batch_tokens:
+                if group and padded_tokens([*group, queue[0]]) > self.max_batch_tokens:
                     return group
                 group.append(queue.popleft())
-                width, took = w, True
+                took = True
             if not took:
                 for caller in [c for c, q in self._queues.items() if not q]:
                     del self._queues[caller]

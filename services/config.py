@@ -37,6 +37,10 @@ class ServeConfig(AdpaSettings):
     batching: bool = Field(
         True, description="pack the sequences of concurrent requests (all callers) into shared forward micro-batches"
     )
+    min_shared_prefix: int = Field(
+        16, description="sequences of one request that share their first N or more tokens (a prompt scored with "
+        "y_w and y_l) forward that prefix once; 0 = never"
+    )
     batch_wait_ms: float = Field(
         0.0, description="with batching: how long a micro-batch that is not full waits for more requests to join"
     )
@@ -86,6 +90,8 @@ class ServeConfig(AdpaSettings):
             raise ValueError("tls_cert and tls_key go together")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.min_shared_prefix < 0:
+            raise ValueError(f"min_shared_prefix must be >= 0, got {self.min_shared_prefix}")
         if self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
         if self.ray_replicas < 1 or self.ray_reference_replicas < 1:

@@ -3,10 +3,13 @@
 The model body runs once per micro-batch; the output head and the fp32 log-softmax run only on
 the hidden states of scored positions, a chunk of rows at a time, so no fp32 (positions, V)
 block larger than `logits_budget_bytes` is built (dense answers excepted: they are the answer).
+Sequences of one request that share a prefix of `min_shared_prefix` tokens or more (a prompt
+with y_w and y_l) run that prefix once and continue its key/value cache (`prefix.py`).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 
@@ -17,6 +20,7 @@ from adpa import sparse
 from adpa.fingerprint import model_fingerprint, tokenizer_fingerprint
 from adpa.protocol import ModelFingerprint, SupportSpec, SupportValues
 from adpa.services.batching import Item, Job, Scheduler
+from adpa.services.prefix import shared_prefix_groups
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ class ScoringEngine:
         logits_budget_bytes: int = 64 << 20,
         batching: bool = True,
         batch_wait_s: float = 0.0,
+        min_shared_prefix: int = 16,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -72,6 +77,10 @@ class ScoringEngine:
             max_seq_len=self.max_seq_len,
         )
         self._head_only = self._head_path_matches()
+        # transformers renamed `past_key_values` to `cache` (5.2x): use the model's spelling.
+        forward = (self.model.get_decoder() if self._head_only else self.model).forward
+        self._cache_name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        self.min_shared_prefix = min_shared_prefix if min_shared_prefix and self._prefix_cache_matches() else 0
         self.scheduler = Scheduler(
             self._forward, max_batch_tokens=max_batch_tokens, batching=batching, wait_s=batch_wait_s,
             name=f"adpa-batcher-{name}",
@@ -120,9 +129,38 @@ class ScoringEngine:
         logger.warning("output head path does not reproduce the model's logits; using full forward")
         return False
 
+    def _prefix_cache_matches(self) -> bool:
+        """Check once that a cached prefix continued by a batch of suffixes gives the positions the
+        full forward gives; models whose cache cannot be shared that way score every token."""
+        ids = torch.arange(min(12, self.vocab_size), device=self.device) % self.vocab_size
+        other = ids.clone()
+        other[-2:] = other[-2:].flip(0)
+        job = Job([ids, other], [(0, len(ids))] * 2, lambda *a: None)
+        try:
+            with torch.inference_mode():
+                shared = self._scored_shared(Item(job, (0, 1), prefix=6))
+                plain = self._scored_plain([(job, 0), (job, 1)])
+            if all(torch.allclose(a[2].float(), b[2].float(), atol=1e-3, rtol=1e-3) for a, b in zip(shared, plain)):
+                return True
+        except Exception as err:  # noqa: BLE001 - any cache this engine cannot continue
+            logger.warning("shared prefixes off: the model's cache cannot be continued (%r)", err)
+            return False
+        logger.warning("shared prefixes off: a continued cache does not reproduce the full forward")
+        return False
+
     def _body(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, H) final hidden states."""
-        return self.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self.model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+    def _run(self, ids: torch.Tensor, mask: torch.Tensor, *, cache=None, keep_cache: bool = False):
+        """(B, T) -> ((B, T, F) features, the key/value cache if `keep_cache`): hidden states, or
+        logits when the head path cannot be used. `cache` continues a prefix computed before (its
+        mask columns come first in `mask`); without it no cache is built at all."""
+        module = self.model.get_decoder() if self._head_only else self.model
+        use_cache = keep_cache or cache is not None
+        out = module(input_ids=ids, attention_mask=mask, use_cache=use_cache, **{self._cache_name: cache})
+        features = out.last_hidden_state if self._head_only else out.logits
+        return features, getattr(out, self._cache_name) if keep_cache else None
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(R, H) hidden states -> (R, V) fp32 logits."""
@@ -130,44 +168,68 @@ class ScoringEngine:
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         return cap * torch.tanh(logits / cap) if cap else logits
 
-    def _features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) -> (B, T, F): hidden states, or logits when the head path cannot be used."""
-        if self._head_only:
-            return self._body(ids, mask)
-        return self.model(input_ids=ids, attention_mask=mask).logits
-
     def _log_softmax(self, features: torch.Tensor) -> torch.Tensor:
         logits = self._logits(features) if self._head_only else features.float()
         return logits.log_softmax(-1)
 
     def _forward(self, group: list[Item]) -> None:
-        """One micro-batch: the body once over the padded sequences, then the head and an fp32
-        log-softmax on the scored rows only, a chunk of rows at a time; each chunk's rows go back
-        to the job they belong to (`Job.add`), where the job's support is taken."""
-        width = max(item.length for item in group)
-        ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for row, item in enumerate(group):
-            ids[row, : item.length] = item.job.sequences[item.index]
-            mask[row, : item.length] = 1
+        """One micro-batch: the body once over the padded sequences (items with a shared prefix:
+        the prefix once, then their own tokens against its key/value cache), then the head and an
+        fp32 log-softmax on the scored rows only, a chunk of rows at a time; each chunk's rows go
+        back to the job they belong to (`Job.add`), where the job's support is taken."""
         with torch.inference_mode():
-            features = self._features(ids.to(self.device), mask.to(self.device))  # (b, T, F)
-            owners = []  # (item, first row in `picked`, rows)
-            picked = []
-            offset = 0
-            for row, item in enumerate(group):
-                start, end = item.job.ranges[item.index]
-                picked.append(features[row, start:end])
-                owners.append((item, offset, end - start))
-                offset += end - start
-            picked = torch.cat(picked)  # (R, F)
+            scored = []  # (job, sequence index, (rows, F) features of its scored range)
+            plain = [item for item in group if not item.prefix]
+            if plain:
+                scored += self._scored_plain([(item.job, item.indices[0]) for item in plain])
+            for item in group:
+                if item.prefix:
+                    scored += self._scored_shared(item)
+            picked = torch.cat([features for _, _, features in scored])  # (R, F)
+            owners, offset = [], 0  # (job, sequence index, first row in `picked`, rows)
+            for job, b, features in scored:
+                owners.append((job, b, offset, len(features)))
+                offset += len(features)
             for c0 in range(0, offset, self.rows_per_chunk):
                 c1 = min(c0 + self.rows_per_chunk, offset)
                 logp = self._log_softmax(picked[c0:c1]).cpu()  # (c1 - c0, V)
-                for item, first, rows in owners:
+                for job, b, first, rows in owners:
                     lo, hi = max(first, c0), min(first + rows, c1)
                     if lo < hi:
-                        item.job.add(item.index, lo - first, logp[lo - c0 : hi - c0])
+                        job.add(b, lo - first, logp[lo - c0 : hi - c0])
+
+    def _scored_plain(self, members: list[tuple[Job, int]]) -> list[tuple[Job, int, torch.Tensor]]:
+        """Right-padded sequences in one forward; the features of each one's scored range."""
+        width = max(len(job.sequences[b]) for job, b in members)
+        ids = torch.full((len(members), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(members), width), dtype=torch.long)
+        for row, (job, b) in enumerate(members):
+            ids[row, : len(job.sequences[b])] = job.sequences[b]
+            mask[row, : len(job.sequences[b])] = 1
+        features, _ = self._run(ids.to(self.device), mask.to(self.device))  # (n, T, F)
+        return [(job, b, features[row, slice(*job.ranges[b])]) for row, (job, b) in enumerate(members)]
+
+    def _scored_shared(self, item: Item) -> list[tuple[Job, int, torch.Tensor]]:
+        """Sequences sharing their first `item.prefix` tokens: the prefix once (keeping its key/value
+        cache), then each one's own tokens, right-padded, against that cache."""
+        job, p = item.job, item.prefix
+        sequences = [job.sequences[b] for b in item.indices]
+        prefix = sequences[0][:p].to(self.device)[None]  # (1, p)
+        head, cache = self._run(prefix, torch.ones_like(prefix), keep_cache=True)  # (1, p, F)
+        cache.batch_repeat_interleave(len(sequences))
+        width = max(len(s) for s in sequences) - p
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), p + width), dtype=torch.long)
+        mask[:, :p] = 1
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq) - p] = seq[p:]
+            mask[row, p : len(seq)] = 1
+        tails, _ = self._run(ids.to(self.device), mask.to(self.device), cache=cache)  # (n, T - p, F)
+        out = []
+        for row, b in enumerate(item.indices):
+            full = torch.cat([head[0], tails[row, : len(sequences[row]) - p]])  # (L, F)
+            out.append((job, b, full[slice(*job.ranges[b])]))
+        return out
 
     # -- the public call ----------------------------------------------------------------------
 
@@ -186,7 +248,8 @@ class ScoringEngine:
         asks, for fairness when requests of several callers are batched together.
         """
         request = _Request(ranges, support)
-        self.scheduler.run(Job(sequences, ranges, request.add, should_stop, caller))
+        groups = shared_prefix_groups(sequences, self.min_shared_prefix) if self.min_shared_prefix else []
+        self.scheduler.run(Job(sequences, ranges, request.add, should_stop, caller, groups))
         return request.assemble()
 
 
@@ -203,7 +266,8 @@ class _Request:
         if support.kind == "sampled":
             # Drawn up front in request order: the draws don't depend on batching or chunking.
             generator = torch.Generator().manual_seed(support.seed)
-            self.uniforms = torch.rand((self.num_rows, support.n), generator=generator)
+            # float64: a float32 uniform cannot address the deep tail of a large vocabulary.
+            self.uniforms = torch.rand((self.num_rows, support.n), generator=generator, dtype=torch.float64)
         self.parts: list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = []
 
     def add(self, index: int, first: int, logp: torch.Tensor) -> None:

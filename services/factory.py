@@ -34,6 +34,7 @@ def load_engine(config: ServeConfig, model: str) -> ScoringEngine:
         logits_budget_bytes=int(config.logits_budget_mb * (1 << 20)),
         batching=config.batching,
         batch_wait_s=config.batch_wait_ms / 1000,
+        min_shared_prefix=config.min_shared_prefix,
     )
 
 

@@ -29,7 +29,7 @@ class GatedForward:
         self.entered = threading.Event()
 
     def __call__(self, group):
-        self.groups.append([(item.job.caller, item.length) for item in group])
+        self.groups.append([(item.job.caller, item.width) for item in group])
         self.entered.set()
         self.release.wait(10)
 

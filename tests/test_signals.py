@@ -196,14 +196,18 @@ def test_reference_service_logprobs(reference, dense):
 
 
 def test_client_splits_large_batches(teacher, dense):
-    """Over the server's 512-position limit: the client splits, and the joined answer is exact."""
+    """Over the server's 512-position limit: the client splits, and the joined answer is the same.
+
+    The repeated sequences share prefixes, which the server forwards once (a continued key/value
+    cache): values agree to fp32 round-off, not bit for bit."""
     many = SEQUENCES * 40  # 40 * 18 = 720 positions
     ranges = RANGES * 40
     answer = teacher.score(many, ranges, signal="advantage", support=SupportSpec("topk", k=5))
     single = teacher.score(SEQUENCES, RANGES, signal="advantage", support=SupportSpec("topk", k=5))
     assert answer.values.shape[0] == 40 * single.values.shape[0]
-    torch.testing.assert_close(answer.values, single.values.repeat(40, 1), atol=1e-6, rtol=0)
-    torch.testing.assert_close(answer.tail, single.tail.repeat(40), atol=1e-6, rtol=0)
+    torch.testing.assert_close(answer.values, single.values.repeat(40, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(answer.tail, single.tail.repeat(40), atol=1e-5, rtol=0)
+    assert torch.equal(answer.indices, single.indices.repeat(40, 1))
 
 
 def test_tokenizer_mismatch_is_refused_at_handshake(teacher, teacher_path, other_tokenizer_path):
