@@ -80,12 +80,14 @@ def sample(
 
     Returns (indices, log pi at them, importance weights w = pi(a) / (n q(a))), so that
     sum_j w[i, j] f(indices[i, j]) is an unbiased estimate of sum_a pi(a | s_i) f(a).
-    Drawing from given uniforms keeps the draws independent of how positions are chunked.
+    Drawing from given uniforms keeps the draws independent of how positions are chunked. The
+    CDF is accumulated in float64: in float32 the running sum stops growing long before the end
+    of a large vocabulary (at T = 0.5 and V = 128k, a fifth of pi's mass could never be drawn).
     """
     log_q = logp if temperature == 1.0 else (logp / temperature).log_softmax(-1)
-    cdf = log_q.exp().cumsum(-1)
-    cdf = cdf / cdf[:, -1:]  # guard against fp32 round-off leaving the last bucket short of 1
-    indices = torch.searchsorted(cdf, uniforms.contiguous(), right=True).clamp(max=logp.shape[-1] - 1)
+    cdf = log_q.double().exp().cumsum(-1)
+    cdf = cdf / cdf[:, -1:]  # guard against round-off leaving the last bucket short of 1
+    indices = torch.searchsorted(cdf, uniforms.double().contiguous(), right=True).clamp(max=logp.shape[-1] - 1)
     values = logp.gather(-1, indices)
     n = uniforms.shape[-1]
     weights = (values - log_q.gather(-1, indices)).exp() / n

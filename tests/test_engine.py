@@ -90,3 +90,21 @@ def test_bfloat16_engine_stays_close(teacher_path, engine):
     b = bf16.score(SEQUENCES, RANGES, SupportSpec("dense")).logprobs
     assert b.dtype == torch.float32  # log-softmax in fp32 whatever the weights
     assert (a - b).abs().max() < 0.25
+
+
+def test_sampling_reaches_the_whole_vocabulary():
+    """T = 0.5 on a 128k Zipf row: with a float32 CDF the running sum stops growing and a fifth of
+    the mass can never be drawn (its weights' expectation then falls short of 1 by about 6e-4).
+    Aim a uniform at the middle of deep-tail tokens' slices: each must be the token drawn, with
+    weight pi(a) / q(a)."""
+    V = 128256
+    p = torch.arange(1, V + 1, dtype=torch.float64) ** -1.1
+    logp = (p / p.sum()).log().float()[None]  # (1, V)
+    log_q = (logp / 0.5).log_softmax(-1)
+    cdf = log_q.double().exp().cumsum(-1)
+    cdf = cdf / cdf[:, -1:]
+    tokens = torch.tensor([10, 1000, 50_000, 100_000, V - 2])
+    uniforms = ((cdf[0, tokens - 1] + cdf[0, tokens]) / 2)[None]  # (1, 5) float64
+    indices, values, weights = sparse.sample(logp, uniforms, temperature=0.5)
+    assert indices[0].tolist() == tokens.tolist()
+    torch.testing.assert_close(weights[0], (logp[0, tokens] - log_q[0, tokens]).exp() / 5)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adpa import sparse
 from adpa.training import losses
 from adpa.training.batch import TeacherSignals, TokenBatch
 from adpa.training.methods import COMMON_DEFAULTS, METHODS, LossInputs, Scored, get_method
@@ -810,3 +811,47 @@ def test_non_finite_values_at_unscored_positions_change_nothing(case, bad):
     torch.testing.assert_close(value, clean_value)
     torch.testing.assert_close(grad, clean_grad)
     assert (grad[~mask] == 0).all()
+
+
+# -- the sampled support: unbiased estimates of the dense values and gradients -----------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sampled_losses_average_to_the_dense_ones(temperature):
+    """Mean over many independent draws (through the service's own `sparse.sample`) = dense value
+    and gradient, for the KL and for the ADPA term."""
+    g = torch.Generator().manual_seed(5)
+    V, n, draws = 12, 4, 20000
+    teacher = (torch.randn(1, 1, V, generator=g) * 1.5).log_softmax(-1)  # (1, 1, V)
+    advantage = torch.randn(1, 1, V, generator=g)
+    student = torch.randn(1, 1, V, generator=g)
+    mask = torch.ones(draws, 1, dtype=torch.bool)
+    uniforms = torch.rand(draws, n, generator=g, dtype=torch.float64)
+    ids, logp, w = sparse.sample(teacher[0].expand(draws, V), uniforms, temperature)  # (draws, n)
+    ids, logp, w = ids[:, None], logp[:, None], w[:, None]  # (draws, 1, n)
+
+    def estimate(fn):
+        z = student.clone().requires_grad_(True)
+        per_draw = fn(z.expand(draws, 1, V))  # summed over draws
+        per_draw.backward()
+        return per_draw.detach() / draws, z.grad / draws
+
+    def dense(fn):
+        z = student.clone().requires_grad_(True)
+        value = fn(z)
+        value.backward()
+        return value.detach(), z.grad
+
+    cases = {
+        "kl": (lambda z: losses.sampled_kl(ids, logp, w, z, mask, reduction="sum"),
+               lambda z: losses.dense_kl(teacher, z, mask[:1])),
+        "adpa": (lambda z: losses.sampled_adpa_loss(ids, advantage.expand(draws, 1, V).gather(-1, ids), logp, w, z,
+                                                    mask, gamma=1.0, reduction="sum"),
+                 lambda z: losses.dense_adpa_loss(advantage, z, mask[:1], gamma=1.0)),
+    }
+    for name, (sampled, exact) in cases.items():
+        value, grad = estimate(sampled)
+        want_value, want_grad = dense(exact)
+        assert abs(float(value - want_value)) < 0.03 * max(1.0, abs(float(want_value))), name
+        assert torch.nn.functional.cosine_similarity(grad.flatten(), want_grad.flatten(), dim=0) > 0.995, name
+        torch.testing.assert_close(grad, want_grad, atol=0.02, rtol=0.05, msg=name)

@@ -248,6 +248,29 @@ def dckd_loss(
     return sft_weight * sft + alpha * kl
 
 
+def sampled_kl(
+    indices: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    weights: torch.Tensor,
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """KL(p || q) from n tokens drawn from the teacher's proposal, with importance weights:
+
+        KL_t ≈ sum_j w_j (log p(a_j) - log q(a_j)),   w_j = p(a_j) / (n pi(a_j)),  a_j ~ pi
+
+    (the service's SAMPLED support: pi ∝ p^(1/T)). Unbiased for the value and for the gradient
+    in the student's logits (-sum_j w_j grad log q(a_j) estimates -sum_a p(a) grad log q(a)),
+    unlike the top-k + tail lower bound of `sparse_kl`. ("Sparse Logit Sampling", Anshumann
+    et al. 2025.) indices, teacher_logprobs, weights (B, T, n), logits (B, T, V), mask (B, T).
+    """
+    logq = _student_logprobs(_scored_only(logits, mask))  # (B, T, V)
+    ids = _scored_only(indices, mask, fill=0).long()
+    terms = _scored_only(weights.float(), mask) * (_scored_only(teacher_logprobs.float(), mask) - logq.gather(-1, ids))
+    return _reduce(terms.sum(-1), mask, reduction)
+
+
 # -- advantage-guided distillation (ADPA) ----------------------------------------------------
 
 
@@ -297,6 +320,33 @@ def sparse_adpa_loss(
         tail_advantage = _scored_only(advantage_tail.float(), mask).masked_fill(tail_empty, 0.0)  # (B, T)
         expected_advantage = expected_advantage + log_q_tail.exp() * tail_advantage
     return -gamma * _reduce(expected_advantage, mask, reduction)
+
+
+def sampled_adpa_loss(
+    indices: torch.Tensor,
+    advantage_values: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    weights: torch.Tensor,
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """ADPA from tokens drawn from the teacher's proposal: L = -gamma * mean_t G_t with
+
+        G_t ≈ sum_j w_j (q(a_j) / p(a_j)) A(a_j),   w_j = p(a_j) / (n pi(a_j)),  a_j ~ pi
+
+    i.e. sum_j q(a_j) A(a_j) / (n pi(a_j)): unbiased for G_t = sum_a q(a) A(a) and for its
+    gradient in the student's logits. The draws follow the teacher, so tokens the student
+    favours and the teacher does not are rarely drawn (and then weigh a lot): the variance,
+    not the mean, is the price. indices, advantage_values, teacher_logprobs (log p at the
+    draws: the service's include_logprobs), weights (B, T, n); logits (B, T, V); mask (B, T).
+    """
+    logq = _student_logprobs(_scored_only(logits, mask))  # (B, T, V)
+    ids = _scored_only(indices, mask, fill=0).long()
+    ratio = (logq.gather(-1, ids) - _scored_only(teacher_logprobs.float(), mask)).exp()  # q / p at the draws
+    terms = _scored_only(weights.float(), mask) * ratio * _scored_only(advantage_values.float(), mask)
+    return -gamma * _reduce(terms.sum(-1), mask, reduction)
 
 
 def support_floor(
