@@ -2,10 +2,12 @@
 
     python tests/distributed_worker.py train SPEC.json     # `adpa train` runs, one after another
     python tests/distributed_worker.py generate SPEC.json  # rollouts from a student sharded with raw FSDP1/FSDP2
+    python tests/distributed_worker.py compare SPEC.json   # one layout's train records against another's
 
 `train` runs each `argv` of the spec through `adpa.training.cli.train_main`, with spies on the
 trainer that record what this rank did (plan items trained, staged, fetched; records sampled), and
-writes them to OUTPUT_DIR/rank-R.json. `generate` wraps the tiny student in FSDP on CPU (gloo; the
+writes them to OUTPUT_DIR/rank-R.json (also without a launcher: one process). `compare` checks a
+multi-process layout's records against a one-process run's (bench/gpu_fsdp_check.sh). `generate` wraps the tiny student in FSDP on CPU (gloo; the
 Trainer can't, see docs/training.md) and samples through `rollout.generation_model`, so the
 unwrapping and synced generation are exercised on sharded parameters.
 """
@@ -66,7 +68,53 @@ def train(spec: dict) -> None:
             "samples": trainer._samples,
             "log_history": trainer.state.log_history,
         }))
-        dist.barrier()
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def compare(spec: dict) -> None:
+    """Each run of `spec["runs"]`: the layout in `candidate/NAME` against the one process in
+    `reference/NAME` (same plan, every record once per epoch, each rank staging and fetching its own
+    items, the same offline samples, loss curves and final weights within the tolerances)."""
+    from collections import Counter
+
+    from safetensors.torch import load_file
+
+    report, failures = {}, []
+    for name in spec["runs"]:
+        one = json.loads(Path(spec["reference"], name, "rank-0.json").read_text())
+        world = json.loads(Path(spec["candidate"], name, "rank-0.json").read_text())["world_size"]
+        ranks = [json.loads(Path(spec["candidate"], name, f"rank-{r}.json").read_text()) for r in range(world)]
+        plan, items = ranks[0]["plan"], len(ranks[0]["plan"])
+        checks = {"same plan": plan == one["plan"]}
+        per_epoch = items // world
+        epochs = len(ranks[0]["items"]) // per_epoch
+        for rank, r in enumerate(ranks):
+            mine = list(range(rank, items, world))
+            checks[f"rank {rank} trains its items"] = r["items"] == mine * epochs
+            checks[f"rank {rank} stages and fetches its items"] = set(r["staged"]) == set(r["fetched"]) == set(mine)
+        for epoch in range(epochs):
+            seen = Counter(i for r in ranks for j in r["items"][epoch * per_epoch : (epoch + 1) * per_epoch]
+                           for i in plan[j])
+            checks[f"epoch {epoch}: every record once"] = seen == Counter(range(sum(len(b) for b in plan)))
+        if one["samples"] is not None:
+            merged = {i: s for r in ranks for i, s in r["samples"].items()}
+            checks["same offline samples"] = merged == one["samples"]
+        losses = [[e for e in history if "loss" in e] for history in (one["log_history"], ranks[0]["log_history"])]
+        keys = [k for k in losses[0][0] if k not in ("epoch", "grad_norm", "learning_rate", "step")]
+        dloss = max(abs(a[k] - b[k]) for a, b in zip(*losses) for k in keys)
+        w1 = load_file(Path(spec["reference"], name, "model.safetensors"))
+        w2 = load_file(Path(spec["candidate"], name, "model.safetensors"))
+        dweight = max((w1[k].float() - w2[k].float()).abs().max().item() for k in w1)
+        checks["same number of logged steps"] = len(losses[0]) == len(losses[1])
+        checks[f"loss curve within {spec['loss_tol']}"] = dloss <= spec["loss_tol"]
+        checks[f"weights within {spec['weight_tol']}"] = dweight <= spec["weight_tol"]
+        report[name] = {"world_size": world, "distributed_type": ranks[0]["distributed_type"],
+                        "max_dloss": dloss, "max_dweight": dweight, "checks": checks}
+        failures += [f"{name}: {check}" for check, ok in checks.items() if not ok]
+    print(json.dumps(report, indent=1))
+    if failures:
+        raise SystemExit("FAILED: " + "; ".join(failures))
 
 
 def generate(spec: dict) -> None:
@@ -106,10 +154,11 @@ def generate(spec: dict) -> None:
                     synced_gpus=wrapper != "none", **kwargs,
                 )
     Path(spec["out"], f"rank-{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
+    if dist.is_initialized():
+        dist.barrier()
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     mode, path = sys.argv[1], sys.argv[2]
-    {"train": train, "generate": generate}[mode](json.loads(Path(path).read_text()))
+    {"train": train, "generate": generate, "compare": compare}[mode](json.loads(Path(path).read_text()))

@@ -7,6 +7,8 @@
     adpa train adpa --config adpa.yaml --teacher local:runs/dpo --reference runs/sft
     adpa train adpa-plus --model runs/student-sft --dataset data/prefs.jsonl --output_dir runs/adpa-plus
     adpa eval --model runs/adpa --prompts data/test.jsonl --reward mypkg.rewards:score --out runs/adpa/eval.json
+    torchrun --nproc_per_node 8 -m adpa.cli train adpa ...          # data parallel (docs/training.md)
+    accelerate launch --config_file training/accelerate/ddp.yaml -m adpa.cli train adpa ...
 
 Every field of the method's config is a flag (`--name value`) and a key of the `--config` YAML
 file; flags win over the file. `adpa train METHOD --help` lists them. This module only parses
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from adpa.training.run import DISTILL, STAGE0, RunArguments, config_class, train
@@ -56,7 +59,10 @@ def train_main(argv: list[str]) -> int:
     if method == "seqkd" and not run.teacher_model:
         print("adpa train seqkd: --teacher_model is required", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Under torchrun / accelerate launch every rank runs this: only the first one logs at INFO.
+    rank, ranks = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s %(levelname)s {f'[rank {rank}] ' if ranks > 1 else ''}%(name)s: %(message)s")
     train(method, run, config)
     logger.info("saved to %s", config.output_dir)
     return 0
