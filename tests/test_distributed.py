@@ -25,7 +25,7 @@ from adpa.tiny_model import make_tiny_model
 from adpa.training.data import load_records, tokenize_preferences
 from adpa.training.distill_trainer import OFFLINE_SEED_STRIDE, DistillTrainer, plan_batches
 from adpa.training.rollout import PerRowGumbel, generate_responses
-from adpa.training.run import run_distill
+from adpa.training.run import RunArguments, run_adpa_plus, run_distill
 
 from .conftest import SERVER_ENV
 from .test_training import config, losses_of, make_records, score_requests
@@ -225,6 +225,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, prefs, stu
 
     runs = [cli_args(method, settings, student_path, prefs, tmp_path / f"2-{name}", teacher_server.endpoint,
                      tmp_path / "cache-2" if settings.get("cache") else None) for name, (method, settings) in RUNS.items()]
+    # ADPA+ too: its second stage loads the first stage's model on every rank.
+    before = score_requests(teacher_server)
+    plus = run_adpa_plus(RunArguments(model=str(student_path), dataset=str(prefs), plus_dckd_steps=2), config(
+        tmp_path / "1-plus", "adpa", teacher=teacher_server.endpoint, max_steps=2, per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=2), records)
+    requests_plus = score_requests(teacher_server) - before
+    runs.append(cli_args("adpa-plus", {"max_steps": 2, "plus_dckd_steps": 2}, student_path, prefs,
+                         tmp_path / "2-plus", teacher_server.endpoint, None))
     (tmp_path / "spec.json").write_text(json.dumps({"runs": runs}))
     before = score_requests(teacher_server)
     launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -236,7 +244,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, prefs, stu
     # Each micro-batch is fetched by one rank only: as many teacher requests as one process makes
     # (dckd and online: every item every epoch; adpa: the first epoch, then the cache).
     epochs, items = 3, 4
-    assert requests_single == requests_two == items * epochs * 2 + items
+    assert requests_single == items * epochs * 2 + items
+    assert requests_plus == 2 * 2 * 2  # adpa-plus: two stages of 2 steps of 2 micro-batches
+    assert requests_two == requests_single + requests_plus
 
     report = {}
     for name, (method, settings) in RUNS.items():
@@ -280,4 +290,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, prefs, stu
         report[name] = {"max_dloss": gap, "max_dweight": dweight}
         assert gap <= 1e-4, (name, losses_of(single[name]), [e["loss"] for e in two])
         assert dweight <= 1e-4, (name, dweight)
+    for stage in ("dckd/", ""):  # ADPA+: both stages' weights
+        one, two = load_file(tmp_path / f"1-plus/{stage}model.safetensors"), load_file(tmp_path / f"2-plus/{stage}model.safetensors")
+        report[f"plus/{stage}"] = {"max_dweight": max((one[k] - two[k]).abs().max().item() for k in one)}
+        assert report[f"plus/{stage}"]["max_dweight"] <= 1e-4
+    two = json.loads((tmp_path / "2-plus/rank-0.json").read_text())["log_history"]
+    assert [e["loss"] for e in two if "loss" in e] == pytest.approx(losses_of(plus), abs=1e-4)
     print(json.dumps(report))  # shown with -s: the measured differences quoted in the notes

@@ -108,7 +108,9 @@ def run_distill(model_path: str, config: DistillConfig, records, teacher=None, *
 
         quiet(trainer)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
+    trainer.save_model(config.output_dir)  # written by rank 0 only
+    # Every rank returns once the model is on disk: the next stage (adpa-plus) loads it on every rank.
+    trainer.accelerator.wait_for_everyone()
     return trainer
 
 
