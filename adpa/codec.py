@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 
 from adpa.errors import InvalidArgument
-from adpa.protocol import VALUE_BYTES, Limits, ModelFingerprint, ModelInfo, ScoreQuery, ScoreResult, SupportSpec
+from adpa.protocol import (
+    VALUE_BYTES,
+    Limits,
+    ModelFingerprint,
+    ModelInfo,
+    QuerySize,
+    ScoreQuery,
+    ScoreResult,
+    SupportSpec,
+)
 from adpa.v1 import scoring_pb2 as pb
 
 # -- tensors --------------------------------------------------------------------------------------
@@ -30,6 +39,9 @@ DATATYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "INT64": (torch.int64, np.dtype("<i8")),
 }
 _NAME_OF = {torch_dtype: name for name, (torch_dtype, _) in DATATYPES.items()}
+# No tensor of this protocol can hold more elements: a protobuf message is under 2 GiB. The bound also
+# applies to the non-zero dimensions of an empty tensor ([0, 2^62] holds nothing, but numpy refuses it).
+MAX_ELEMENTS = 2**31 - 1
 
 
 class WireError(ValueError):
@@ -61,7 +73,8 @@ def decode(
     allowed = tuple(allowed) if allowed is not None else tuple(DATATYPES)
     if msg.datatype not in allowed:
         shown = msg.datatype or "<empty>"
-        raise WireError(f"{field}: datatype {shown!r} not accepted here; expected one of {list(allowed)}")
+        hint = " (datatype names are upper case)" if msg.datatype.upper() in allowed else ""
+        raise WireError(f"{field}: datatype {shown!r} not accepted here; expected one of {list(allowed)}{hint}")
     if ndim is not None and len(msg.shape) != ndim:
         raise WireError(f"{field}: expected {ndim} dimensions, got shape {list(msg.shape)}")
     if any(d < 0 for d in msg.shape):
@@ -72,6 +85,8 @@ def decode(
         raise WireError(
             f"{field}: shape {list(msg.shape)} of {msg.datatype} needs {expected} bytes, got {len(msg.raw)}"
         )
+    if any(d > MAX_ELEMENTS for d in msg.shape) or math.prod(d for d in msg.shape if d) > MAX_ELEMENTS:
+        raise WireError(f"{field}: shape {list(msg.shape)} is over {MAX_ELEMENTS} elements (zero dimensions aside)")
     array = np.frombuffer(msg.raw, dtype=np_dtype).reshape(tuple(msg.shape))
     tensor = torch.from_numpy(array.copy())  # copy: protobuf bytes are read-only
     return tensor.view(torch_dtype) if msg.datatype == "BF16" else tensor
@@ -153,8 +168,12 @@ def query_to_pb(query: ScoreQuery) -> pb.ScoreRequest:
     )
 
 
-def query_from_pb(msg: pb.ScoreRequest) -> ScoreQuery:
-    """Decode and check the wire-level shape of a request; raises InvalidArgument."""
+def query_from_pb(msg: pb.ScoreRequest, check_size: Callable[[QuerySize], None] | None = None) -> ScoreQuery:
+    """Decode and check the wire-level shape of a request; raises InvalidArgument.
+
+    `check_size` (a server's `ScoringService.check_size`) sees the request's counts before it is
+    split into sequences: a request over the limits costs no per-sequence work.
+    """
     try:
         ids = decode(msg.input_ids, "input_ids", allowed=_INTS, ndim=1).long()
         lengths = decode(msg.lengths, "lengths", allowed=_INTS, ndim=1).long()
@@ -170,26 +189,29 @@ def query_from_pb(msg: pb.ScoreRequest) -> ScoreQuery:
         raise InvalidArgument(f"support.kind must be TOPK, INDICES, SAMPLED or DENSE, got enum value {msg.support.kind}")
     if msg.value_dtype not in VALUE_DTYPES:
         raise InvalidArgument(f"value_dtype must be FP32, BF16 or FP16, got enum value {msg.value_dtype}")
-    # Summed in Python: int64 sums of huge lengths can wrap around to the right total.
-    if bool((lengths < 0).any()) or bool((lengths > len(ids)).any()) or sum(lengths.tolist()) != len(ids):
-        raise InvalidArgument(f"lengths must be >= 0 and sum to len(input_ids)={len(ids)}, got {lengths.tolist()[:16]}")
+    # Each length is in [0, len(ids)] and there are fewer than 2^31 of them: the int64 sum cannot wrap.
+    if bool((lengths < 0).any()) or bool((lengths > len(ids)).any()) or int(lengths.sum()) != len(ids):
+        raise InvalidArgument(f"lengths must be >= 0 and sum to len(input_ids)={len(ids)}, got {lengths[:16].tolist()}")
     if ranges.shape != (len(lengths), 2):
         raise InvalidArgument(f"score_ranges must have shape [{len(lengths)}, 2], got {list(ranges.shape)}")
-    sequences = list(torch.split(ids, lengths.tolist()))
     spec = msg.support
+    support = SupportSpec(
+        kind=SUPPORTS[spec.kind],
+        k=spec.k,
+        n=spec.n,
+        seed=spec.seed,
+        temperature=spec.temperature or 1.0,
+        indices=indices,
+    )
+    value_dtype = VALUE_DTYPES[msg.value_dtype]
+    if check_size is not None:
+        check_size(QuerySize(lengths, ranges, support, value_dtype, msg.include_logprobs))
     return ScoreQuery(
-        sequences=sequences,
+        sequences=list(torch.split(ids, lengths.tolist())),
         ranges=[(int(s), int(e)) for s, e in ranges.tolist()],
         signal=SIGNALS[msg.signal],
-        support=SupportSpec(
-            kind=SUPPORTS[spec.kind],
-            k=spec.k,
-            n=spec.n,
-            seed=spec.seed,
-            temperature=spec.temperature or 1.0,
-            indices=indices,
-        ),
-        value_dtype=VALUE_DTYPES[msg.value_dtype],
+        support=support,
+        value_dtype=value_dtype,
         include_logprobs=msg.include_logprobs,
         request_id=msg.request_id,
     )

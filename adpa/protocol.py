@@ -111,6 +111,47 @@ class ScoreResult:
 # The dtypes values may travel in, and their sizes: the one table of value dtypes.
 VALUE_BYTES = {"FP32": 4, "BF16": 2, "FP16": 2}
 
+# The smallest SAMPLED proposal temperature (vLLM's floor too). Below it pi^(1/T) leaves fp32: at
+# T = 1e-45 every log-prob divided by T is -inf and the draws are NaN.
+MIN_TEMPERATURE = 0.01
+
+
+@dataclass(frozen=True)
+class QuerySize:
+    """How big a scoring request is, known from its tensors before it is split into sequences.
+
+    A server checks this first (`ScoringService.check_size`), so a request whose counts are over
+    the limits is refused before any per-sequence work or memory is spent on it.
+    """
+
+    lengths: torch.Tensor  # (B,) int64: tokens of each sequence
+    ranges: torch.Tensor  # (B, 2) int64: score ranges as sent (not checked yet)
+    support: SupportSpec
+    value_dtype: str = "FP32"
+    include_logprobs: bool = False
+
+    @classmethod
+    def of(cls, query: ScoreQuery) -> QuerySize:
+        return cls(
+            lengths=torch.tensor([len(s) for s in query.sequences], dtype=torch.long),
+            ranges=torch.tensor(query.ranges, dtype=torch.long).reshape(-1, 2),
+            support=query.support, value_dtype=query.value_dtype, include_logprobs=query.include_logprobs,
+        )
+
+    @property
+    def sequences(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def positions(self) -> int:
+        """Scored positions, counting only the part of each range inside its sequence (no overflow
+        whatever the ranges hold; equal to `ScoreQuery.num_positions` once the ranges are valid)."""
+        if not len(self.lengths):
+            return 0
+        start = self.ranges[:, 0].clamp(min=0)
+        end = torch.minimum(self.ranges[:, 1], self.lengths).clamp(min=0)
+        return int((end - start).clamp(min=0).sum())
+
 
 def answer_bytes_per_position(
     support: SupportSpec, value_dtype: str, vocab_size: int, include_logprobs: bool = False

@@ -9,6 +9,7 @@ process.
 
 from __future__ import annotations
 
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -23,6 +24,11 @@ from adpa.protocol import ModelInfo, ScoreQuery, ScoreResult, SignalName, Suppor
 
 class IncompatibleTeacher(RuntimeError):
     """The teacher's tokenizer or vocabulary differs from the student's."""
+
+
+class TeacherChanged(RuntimeError):
+    """An answer came from other model weights than the handshake's (a service restarted with another
+    model): signals of two model versions must never be mixed, so the caller has to stop."""
 
 
 def check_compatible(
@@ -47,6 +53,8 @@ class Teacher(ABC):
     where: str = ""
     #: The largest message the caller side accepts (an answer is split to fit it).
     max_message_bytes: int = 64 << 20
+    #: Seconds a `score()` call may take when it gives no `timeout` (None: no deadline).
+    timeout: float | None = None
 
     @abstractmethod
     def info(self, timeout: float | None = None, *, refresh: bool = False) -> ModelInfo:
@@ -55,6 +63,10 @@ class Teacher(ABC):
     @abstractmethod
     def _answer(self, query: ScoreQuery, timeout: float | None) -> ScoreResult:
         """Answer one query that fits the limits of the handshake."""
+
+    def _answered_where(self) -> str:
+        """Where the last answer on this thread came from, for messages (one endpoint of several)."""
+        return self.where
 
     def close(self) -> None:
         pass
@@ -88,13 +100,22 @@ class Teacher(ABC):
 
         Position i of a sequence is the distribution of the token after ids[i] (logits[i]), so a
         response in tokens [p, L) is scored with the range (p - 1, L - 1).
+
+        `timeout` (default `self.timeout`) covers the whole call: the handshake when it is not
+        cached yet, every part of a split batch and every retry.
         """
         sequences = [torch.as_tensor(s, dtype=torch.long).cpu() for s in sequences]
         ranges = [(int(a), int(b)) for a, b in ranges]
         if len(ranges) != len(sequences):
             raise ValueError(f"{len(sequences)} sequences but {len(ranges)} ranges")
         request_id = request_id or uuid.uuid4().hex[:16]
-        info = self.info(timeout)
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def remaining() -> float | None:
+            return None if deadline is None else deadline - time.monotonic()
+
+        info = self.info(remaining())
         results = []
         row = 0
         for part, (lo, hi) in enumerate(self._split(info, sequences, ranges, support, value_dtype, include_logprobs)):
@@ -114,13 +135,9 @@ class Teacher(ABC):
                 include_logprobs=include_logprobs,
                 request_id=f"{request_id}.{part}",
             )
-            answer = self._answer(query, timeout)
+            answer = self._answer(query, remaining())
             if answer.model != info.model or (signal == "advantage" and answer.reference != info.reference):
-                raise RuntimeError(
-                    f"the service now runs model {answer.model.model_hash} (reference "
-                    f"{answer.reference.model_hash if answer.reference else '-'}), not the {info.model.model_hash} "
-                    "of the handshake; signals from different model versions must not be mixed"
-                )
+                raise TeacherChanged(_changed_message(answer, info, signal, self._answered_where()))
             results.append(answer)
         return results[0] if len(results) == 1 else _concat(results)
 
@@ -143,6 +160,20 @@ class Teacher(ABC):
             positions += p
             size += cost
         yield lo, len(sequences)
+
+
+def _changed_message(answer: ScoreResult, info: ModelInfo, signal: SignalName, where: str) -> str:
+    def models(model, reference) -> str:
+        ref = f", reference {reference.model_name} ({reference.model_hash})" if reference is not None else ""
+        return f"model {model.model_name} ({model.model_hash}){ref}"
+
+    reference = info.reference if signal == "advantage" else None
+    return (
+        f"the teacher{where} (replica {answer.replica or '?'}) now serves {models(answer.model, answer.reference)}, "
+        f"not the {models(info.model, reference)} of the handshake; signals from two model versions must not "
+        "be mixed, so this run stops here. Restore that model on the service, or start a new run (a new "
+        "handshake) against the new one."
+    )
 
 
 def _pad_cat(parts: list[torch.Tensor | None], fill: float) -> torch.Tensor | None:

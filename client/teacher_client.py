@@ -10,16 +10,28 @@
         answer.indices, answer.values, answer.tail             # (P, 32), (P, 32), (P,)
 
 Large batches are split into requests that fit the server's limits and answers are joined back
-(`Teacher.score`); transient failures (UNAVAILABLE, RESOURCE_EXHAUSTED with a pushback hint) are
-retried with backoff, honouring the server's `grpc-retry-pushback-ms`, moving to the next endpoint
-each time.
+(`Teacher.score`), all within one deadline (`timeout`, the handshake included). What is retried:
+
+- RESOURCE_EXHAUSTED with a `grpc-retry-pushback-ms` hint (the server is busy and says when to come
+  back): after max(hint, backoff) stretched by a random factor in [1, 2), so refused callers don't
+  come back together; as often as the deadline allows (or `max_busy_retries`), the wait growing
+  each time. These retries don't draw on the retry budget: the server is up and sets the pace.
+- UNAVAILABLE (endpoint down, draining, restarting): at once on another endpoint when one is
+  available, else after a jittered exponential backoff; at most `max_retries` times per call, and
+  only while the client's retry budget holds (gRPC's retry throttling: each such failure costs one
+  token, each success earns `budget_ratio`; retries stop while half the tokens or fewer are left).
+  An endpoint that answered UNAVAILABLE is skipped for a cool-off (1 s, doubling up to
+  `max_cooldown_s` = 30 s while it keeps failing), then tried again: a restarted service rejoins
+  by itself.
+- Nothing else: a refusal of the request itself (INVALID_ARGUMENT, a size limit, ...) would be
+  refused again.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
+import threading
 import time
 import urllib.parse
 from collections.abc import Sequence
@@ -36,6 +48,9 @@ from adpa.v1 import scoring_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# A restarted server is reconnected within this (gRPC's default backoff grows to 120 s).
+CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
+                   ("grpc.max_reconnect_backoff_ms", 5000)]
 
 
 @dataclass(frozen=True)
@@ -65,8 +80,71 @@ def parse_endpoint(endpoint: str) -> Endpoint:
     return Endpoint(address, False, application)
 
 
+class DeadlineExpired(grpc.RpcError):
+    """The call's deadline passed on the client side (between retries or parts of a split batch)."""
+
+    def __init__(self, details: str):
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self):
+        return ()
+
+
+class RetryBudget:
+    """gRPC's retry throttling: a token bucket shared by all calls of one client.
+
+    A failure that would be retried takes one token, a success gives back `ratio`; retries are
+    allowed while more than half of `max_tokens` are left. So when most calls fail (every endpoint
+    down), retries stop instead of multiplying the load; when most succeed, the occasional failure
+    is retried.
+    """
+
+    def __init__(self, max_tokens: float = 10.0, ratio: float = 0.1):
+        self.max_tokens = max_tokens
+        self.ratio = ratio
+        self._tokens = max_tokens
+        self._lock = threading.Lock()
+
+    @property
+    def tokens(self) -> float:
+        return self._tokens
+
+    def on_success(self) -> None:
+        with self._lock:
+            self._tokens = min(self.max_tokens, self._tokens + self.ratio)
+
+    def on_failure(self) -> bool:
+        """Take a token for a failure; True when a retry is allowed."""
+        with self._lock:
+            self._tokens = max(0.0, self._tokens - 1)
+            return self._tokens > self.max_tokens / 2
+
+
+class _EndpointState:
+    """Cool-off of one endpoint after it answered UNAVAILABLE (skipped by round-robin until then)."""
+
+    def __init__(self):
+        self.down_until = 0.0
+        self.cooldown_s = 0.0
+
+    def failed(self, now: float, first_s: float, max_s: float) -> None:
+        self.cooldown_s = min(max_s, 2 * self.cooldown_s) if self.cooldown_s else first_s
+        self.down_until = now + self.cooldown_s
+
+    def succeeded(self) -> None:
+        self.down_until = 0.0
+        self.cooldown_s = 0.0
+
+
 class TeacherClient(Teacher):
-    """A connection to teacher or reference services, with handshake, batching and failover."""
+    """A connection to teacher or reference services, with handshake, batching, retries and failover."""
 
     def __init__(
         self,
@@ -76,6 +154,11 @@ class TeacherClient(Teacher):
         timeout: float = 120.0,
         max_retries: int = 4,
         backoff_s: float = 0.25,
+        max_backoff_s: float = 10.0,
+        retry_budget: float = 10.0,
+        budget_ratio: float = 0.1,
+        max_cooldown_s: float = 30.0,
+        max_busy_retries: int | None = None,
         max_message_bytes: int = 64 << 20,
         root_certificates: bytes | None = None,
     ):
@@ -85,6 +168,7 @@ class TeacherClient(Teacher):
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            *CHANNEL_OPTIONS,
         ]
         auth = (("authorization", f"Bearer {token}"),) if token else ()
         self._channels = []
@@ -98,12 +182,19 @@ class TeacherClient(Teacher):
             routing = (("application", parsed.application),) if parsed.application else ()
             self._channels.append((endpoint, channel, pb_grpc.ScorerStub(channel), auth + routing))
         self.endpoints = endpoints
-        self.where = f" at {endpoints[0]}"
+        self.where = f" at {endpoints[0]}" if len(endpoints) == 1 else f" at {', '.join(endpoints)}"
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.budget = RetryBudget(retry_budget, budget_ratio)
+        self.max_cooldown_s = max_cooldown_s
+        self.max_busy_retries = max_busy_retries
         self.max_message_bytes = max_message_bytes
-        self._next = itertools.count()
+        self._state = [_EndpointState() for _ in endpoints]
+        self._turn = 0
+        self._lock = threading.Lock()
+        self._local = threading.local()  # which endpoint answered this thread's last call
         self._info: ModelInfo | None = None
 
     def close(self) -> None:
@@ -112,36 +203,90 @@ class TeacherClient(Teacher):
 
     def info(self, timeout: float | None = None, *, refresh: bool = False) -> ModelInfo:
         if self._info is None or refresh:
-            answer = self._call("ModelInfo", pb.ModelInfoRequest(), timeout or self.timeout)
+            answer = self._call("ModelInfo", pb.ModelInfoRequest(), self.timeout if timeout is None else timeout)
             self._info = codec.info_from_pb(answer)
         return self._info
 
     def _answer(self, query: ScoreQuery, timeout: float | None) -> ScoreResult:
-        return codec.result_from_pb(self._call("Score", codec.query_to_pb(query), timeout or self.timeout))
+        answer = self._call("Score", codec.query_to_pb(query), self.timeout if timeout is None else timeout)
+        return codec.result_from_pb(answer)
+
+    def _answered_where(self) -> str:
+        endpoint = getattr(self._local, "endpoint", None)
+        return f" at {endpoint}" if endpoint else self.where
+
+    # -- one RPC: deadline, retries, failover ---------------------------------------------------
+
+    def _pick(self, tried: set[int]) -> int:
+        """The next endpoint in turn that is not cooling off (preferring ones this call has not tried);
+        when all are cooling off, the one that comes back first."""
+        now = time.monotonic()
+        with self._lock:
+            order = [(self._turn + i) % len(self._channels) for i in range(len(self._channels))]
+            self._turn = (self._turn + 1) % len(self._channels)
+            up = [i for i in order if self._state[i].down_until <= now]
+            fresh = [i for i in up if i not in tried]
+            if fresh or up:
+                return (fresh or up)[0]
+            return min(order, key=lambda i: self._state[i].down_until)
+
+    def _available(self, tried: set[int]) -> bool:
+        now = time.monotonic()
+        return any(s.down_until <= now and i not in tried for i, s in enumerate(self._state))
 
     def _call(self, method: str, request, timeout: float):
-        """One RPC with deadline, retries on transient codes and failover across endpoints."""
+        """One RPC within `timeout` seconds, retried and failed over as the module docstring says."""
         deadline = time.monotonic() + timeout
-        attempt = 0
+        blind_retries = busy_retries = 0
+        tried: set[int] = set()
         while True:
-            endpoint, _, stub, metadata = self._channels[next(self._next) % len(self._channels)]
+            index = self._pick(tried)
+            endpoint, _, stub, metadata = self._channels[index]
             remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExpired(f"{method}: the deadline of {timeout:.3g} s passed before an answer")
+            tried.add(index)
             try:
-                return getattr(stub, method)(request, timeout=max(remaining, 0.001), metadata=metadata)
+                answer = getattr(stub, method)(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as err:
                 code = err.code()
-                delay = _pushback_s(err)
-                # RESOURCE_EXHAUSTED without a pushback hint is a size limit: retrying can't help.
-                transient = code == grpc.StatusCode.UNAVAILABLE or (code in RETRYABLE and delay is not None)
-                if not transient or attempt >= self.max_retries:
+                pushback = _pushback_s(err)
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback is not None:
+                    if self.max_busy_retries is not None and busy_retries >= self.max_busy_retries:
+                        raise
+                    # Busy, and it says when to come back: never sooner; later by a random factor.
+                    base = max(pushback, min(self.max_backoff_s, self.backoff_s * 2**busy_retries))
+                    delay = base * (1 + random.random())
+                    busy_retries += 1
+                elif code == grpc.StatusCode.UNAVAILABLE:
+                    with self._lock:
+                        self._state[index].failed(time.monotonic(), min(1.0, self.max_cooldown_s), self.max_cooldown_s)
+                    allowed = self.budget.on_failure()
+                    if blind_retries >= self.max_retries or not allowed:
+                        if not allowed:
+                            logger.warning("%s on %s: retry budget spent (%.1f tokens left), not retrying",
+                                           code.name, endpoint, self.budget.tokens)
+                        raise
+                    blind_retries += 1
+                    # Another endpoint is up: fail over now. Else back off before coming back.
+                    delay = 0.0 if self._available(tried) else (
+                        min(self.max_backoff_s, self.backoff_s * 2 ** (blind_retries - 1)) * (0.5 + random.random())
+                    )
+                else:
                     raise
-                if delay is None:
-                    delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
                 if time.monotonic() + delay >= deadline:
                     raise
-                logger.warning("%s on %s: %s; retrying in %.2fs", code.name, endpoint, err.details(), delay)
-                time.sleep(delay)
-                attempt += 1
+                if delay:
+                    logger.warning("%s on %s: %s; retrying in %.2fs", code.name, endpoint, err.details(), delay)
+                    time.sleep(delay)
+                else:
+                    logger.warning("%s on %s: %s; failing over", code.name, endpoint, err.details())
+                continue
+            self.budget.on_success()
+            with self._lock:
+                self._state[index].succeeded()
+            self._local.endpoint = endpoint
+            return answer
 
 
 def _pushback_s(err: grpc.RpcError) -> float | None:

@@ -4,11 +4,36 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from adpa.errors import ResourceExhausted
 from adpa.services.metrics import ServiceMetrics
+
+
+class Admission:
+    """One admitted request's slot in the gate; `close()` (idempotent) gives it back.
+
+    A context manager, so a transport that admits on one thread (an event loop) and works on
+    another can hand the slot to the worker, which closes it when the work is really done.
+    """
+
+    def __init__(self, gate: AdmissionGate):
+        self._gate = gate
+        self._started = time.monotonic()
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._gate._leave(time.monotonic() - self._started)
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class AdmissionGate:
@@ -22,8 +47,8 @@ class AdmissionGate:
         self._lock = threading.Lock()
         self._mean_s = 0.1  # running mean of a request's time, for the retry hint
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
+    def admit(self) -> Admission:
+        """A slot, or ResourceExhausted with `retry_after_ms` when all `limit` slots are taken."""
         with self._lock:
             if self._count >= self.limit:
                 wait_ms = int(1000 * self._mean_s * max(1, self._count) / 2)
@@ -33,11 +58,10 @@ class AdmissionGate:
                 )
             self._count += 1
             self.metrics.inflight.set(self._count)
-        started = time.monotonic()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._count -= 1
-                self.metrics.inflight.set(self._count)
-                self._mean_s = 0.9 * self._mean_s + 0.1 * (time.monotonic() - started)
+        return Admission(self)
+
+    def _leave(self, seconds: float) -> None:
+        with self._lock:
+            self._count -= 1
+            self.metrics.inflight.set(self._count)
+            self._mean_s = 0.9 * self._mean_s + 0.1 * seconds

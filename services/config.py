@@ -58,7 +58,18 @@ class ServeConfig(AdpaSettings):
     max_inflight: int = Field(
         16, description="requests running or queued at once; more are refused with RESOURCE_EXHAUSTED"
     )
+    receive_timeout_s: float = Field(
+        30.0, description="time a caller has, from the start of a call, to send its request (gRPC message, HTTP "
+        "body); a stalled call is ended with DEADLINE_EXCEEDED (HTTP 408)"
+    )
+    http_max_body_mb: float = Field(
+        4.0, description="largest HTTP request body, in MiB (a larger one is refused with 413 before it is read)"
+    )
     auth_token: SecretStr | None = Field(None, description="bearer token callers must send (off when unset)")
+    open_metrics: bool = Field(
+        True, description="with auth_token: serve /metrics without a token (like vLLM, for scrapers); false: "
+        "/metrics needs the token too"
+    )
     reference_token: SecretStr | None = Field(None, description="bearer token for a remote reference")
     tls_cert: Path | None = Field(None, description="PEM certificate chain; serve TLS when set with tls_key")
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert")
@@ -92,6 +103,9 @@ class ServeConfig(AdpaSettings):
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if self.min_shared_prefix < 0:
             raise ValueError(f"min_shared_prefix must be >= 0, got {self.min_shared_prefix}")
+        if self.receive_timeout_s <= 0 or self.http_max_body_mb <= 0:
+            raise ValueError(f"receive_timeout_s and http_max_body_mb must be > 0, got {self.receive_timeout_s}, "
+                             f"{self.http_max_body_mb}")
         if self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
         if self.ray_replicas < 1 or self.ray_reference_replicas < 1:

@@ -12,6 +12,7 @@ request is refused, what the metrics count) is decided here, once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -21,8 +22,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from adpa.errors import Cancelled, DeadlineExceeded, ServiceError, Unavailable
-from adpa.protocol import ModelInfo, ScoreQuery, ScoreResult
-from adpa.services.admission import AdmissionGate
+from adpa.protocol import ModelInfo, QuerySize, ScoreQuery, ScoreResult
+from adpa.services.admission import Admission, AdmissionGate
 from adpa.services.metrics import ServiceMetrics
 from adpa.services.scoring import ScoringService
 
@@ -74,6 +75,21 @@ class Frontend:
         self._refuse_if_draining()
         return self.service.info()
 
+    def check_size(self, size: QuerySize) -> None:
+        """Refuse a request over the limits from its sizes, before it is taken apart (see
+        `ScoringService.check_size`); transports pass this to the decoder."""
+        self.service.check_size(size)
+
+    def admit(self) -> Admission:
+        """Refuse at once (UNAVAILABLE while draining, RESOURCE_EXHAUSTED with a retry hint when
+        `max_inflight` requests are in), or hold a slot until the returned Admission is closed.
+
+        For transports that decide on an event loop and score on a worker thread: the worker
+        passes the admission to `score`, which closes it when the work is done.
+        """
+        self._refuse_if_draining()
+        return self.gate.admit()
+
     def score(
         self,
         query: ScoreQuery,
@@ -81,16 +97,16 @@ class Frontend:
         deadline: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
         caller: str = "",
+        admission: Admission | None = None,
     ) -> ScoreResult:
-        """Admit, validate and answer one query.
+        """Admit (unless `admission` is given), validate and answer one query.
 
         `deadline` is a `time.monotonic()` instant; `is_cancelled` tells whether the caller has
         gone. Both are polled between forward micro-batches, so abandoned work stops early.
         `caller` names the caller (e.g. its address): concurrent callers' sequences share
-        forwards, taken in turn from each caller.
+        forwards, taken in turn from each caller. The admission is closed when this returns.
         """
-        self._refuse_if_draining()
-        with self.gate.admit():
+        with admission if admission is not None else self.admit():
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("the request's deadline passed before scoring started")
 
@@ -124,6 +140,9 @@ class Frontend:
         except ServiceError as err:
             code = err.code
             logger.info("%s %s refused (%s): %s", transport, method, code, err.message)
+            raise
+        except asyncio.CancelledError:  # an asyncio transport's call ended under it (the caller left)
+            code = "CANCELLED"
             raise
         except BaseException:
             code = "INTERNAL"

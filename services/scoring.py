@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from adpa import __version__, sparse
 from adpa.errors import InvalidArgument, OutOfRange, ResourceExhausted
 from adpa.protocol import (
+    MIN_TEMPERATURE,
     VALUE_BYTES,
     Limits,
     ModelFingerprint,
     ModelInfo,
+    QuerySize,
     Role,
     ScoreQuery,
     ScoreResult,
+    SupportSpec,
     answer_bytes_per_position,
 )
 from adpa.services.engine import ScoringEngine
@@ -113,41 +118,39 @@ class ScoringService:
 
     # -- validation: every check names the offending value --------------------------------------
 
-    def validate(self, query: ScoreQuery) -> None:
+    def check_size(self, size: QuerySize) -> None:
+        """Refuse a request whose counts are over the limits, from its sizes alone.
+
+        Runs before a request is split into sequences (`codec.query_from_pb`, the HTTP schema), so
+        a request that is cheap to send but costly to take apart is refused at once; its cost is
+        O(B) vectorized work. Also checks the support's parameters, on which the answer's size
+        depends. The content (ids, ranges, indices) is checked by `validate`.
+        """
         limits, vocab = self.limits, self.engine.vocab_size
-        if query.signal == "advantage" and self.role != "teacher":
-            raise InvalidArgument("ADVANTAGE needs a teacher; this service is a reference (LOGPROBS only)")
-        if query.signal not in ("logprobs", "advantage"):
-            raise InvalidArgument(f"signal must be LOGPROBS or ADVANTAGE, got {query.signal!r}")
-        if not query.sequences:
+        sequences = size.sequences
+        if sequences == 0:
             raise InvalidArgument("the request holds no sequences")
-        if len(query.ranges) != len(query.sequences):
-            raise InvalidArgument(f"{len(query.sequences)} sequences but {len(query.ranges)} score ranges")
-        for b, (seq, (start, end)) in enumerate(zip(query.sequences, query.ranges)):
-            if len(seq) == 0:
-                raise InvalidArgument(f"sequence {b} is empty")
-            if len(seq) > self.engine.max_seq_len:
-                raise OutOfRange(f"sequence {b} has {len(seq)} tokens, over max_seq_len {self.engine.max_seq_len}")
-            bad = ((seq < 0) | (seq >= vocab)).nonzero()
-            if len(bad):
-                i = int(bad[0])
-                raise InvalidArgument(
-                    f"sequence {b} has token id {int(seq[i])} at index {i}, outside the vocabulary [0, {vocab})"
-                )
-            if not 0 <= start < end <= len(seq):
-                raise OutOfRange(
-                    f"score range [{start}, {end}) of sequence {b} must satisfy 0 <= start < end <= {len(seq)}"
-                )
-        positions = query.num_positions
+        if sequences > limits.max_positions:
+            raise ResourceExhausted(
+                f"{sequences} sequences in one request, over the limit {limits.max_positions} (max_positions: every "
+                "sequence scores at least one position); split the batch"
+            )
+        too_long = (size.lengths > self.engine.max_seq_len).nonzero()
+        if len(too_long):
+            b = int(too_long[0])
+            raise OutOfRange(
+                f"sequence {b} has {int(size.lengths[b])} tokens, over max_seq_len {self.engine.max_seq_len}"
+            )
+        positions = size.positions
         if positions > limits.max_positions:
             raise ResourceExhausted(
                 f"{positions} scored positions in one request, over the limit {limits.max_positions}; split the batch"
             )
-        if query.value_dtype not in VALUE_BYTES:
-            raise InvalidArgument(f"value dtype must be one of {list(VALUE_BYTES)}, got {query.value_dtype!r}")
-        self._validate_support(query.support, positions, vocab)
+        if size.value_dtype not in VALUE_BYTES:
+            raise InvalidArgument(f"value dtype must be one of {list(VALUE_BYTES)}, got {size.value_dtype!r}")
+        self._check_support_parameters(size.support, positions, vocab)
         answer_bytes = positions * answer_bytes_per_position(
-            query.support, query.value_dtype, vocab, query.include_logprobs
+            size.support, size.value_dtype, vocab, size.include_logprobs
         )
         if answer_bytes > limits.max_message_bytes:
             raise ResourceExhausted(
@@ -155,7 +158,42 @@ class ScoringService:
                 f"{limits.max_message_bytes}; score fewer positions per request"
             )
 
-    def _validate_support(self, support: SupportSpec, positions: int, vocab: int) -> None:
+    def validate(self, query: ScoreQuery) -> None:
+        """Everything `check_size` checks, then the content: ids, ranges and INDICES ids (vectorized)."""
+        if query.signal == "advantage" and self.role != "teacher":
+            raise InvalidArgument("ADVANTAGE needs a teacher; this service is a reference (LOGPROBS only)")
+        if query.signal not in ("logprobs", "advantage"):
+            raise InvalidArgument(f"signal must be LOGPROBS or ADVANTAGE, got {query.signal!r}")
+        if len(query.ranges) != len(query.sequences):
+            raise InvalidArgument(f"{len(query.sequences)} sequences but {len(query.ranges)} score ranges")
+        size = QuerySize.of(query)
+        self.check_size(size)
+        vocab, lengths = self.engine.vocab_size, size.lengths
+        empty = (lengths == 0).nonzero()
+        if len(empty):
+            raise InvalidArgument(f"sequence {int(empty[0])} is empty")
+        ids = torch.cat([s.reshape(-1) for s in query.sequences])
+        bad = ((ids < 0) | (ids >= vocab)).nonzero()
+        if len(bad):
+            flat = int(bad[0])
+            ends = lengths.cumsum(0)
+            b = int(torch.searchsorted(ends, flat, right=True))
+            i = flat - int(ends[b] - lengths[b])
+            raise InvalidArgument(
+                f"sequence {b} has token id {int(ids[flat])} at index {i}, outside the vocabulary [0, {vocab})"
+            )
+        start, end = size.ranges[:, 0], size.ranges[:, 1]
+        broken = ~((start >= 0) & (start < end) & (end <= lengths))
+        if bool(broken.any()):
+            b = int(broken.nonzero()[0])
+            raise OutOfRange(
+                f"score range [{int(start[b])}, {int(end[b])}) of sequence {b} must satisfy "
+                f"0 <= start < end <= {int(lengths[b])}"
+            )
+        self._check_indices(query.support, query.num_positions, vocab)
+
+    def _check_support_parameters(self, support: SupportSpec, positions: int, vocab: int) -> None:
+        """The support's scalar parameters (O(1)): they decide the answer's size."""
         limits = self.limits
         max_k = min(limits.max_k, vocab)
         if support.kind == "topk":
@@ -164,24 +202,21 @@ class ScoringService:
         elif support.kind == "indices":
             if not 0 <= support.k <= max_k:
                 raise InvalidArgument(f"INDICES needs 0 <= k <= {max_k}, got k={support.k}")
-            idx = support.indices
-            if idx is None or idx.dim() != 2 or idx.shape[0] != positions:
-                shape = None if idx is None else list(idx.shape)
-                raise InvalidArgument(f"INDICES needs support.indices of shape [{positions}, m], got {shape}")
-            if idx.shape[1] + support.k > limits.max_indices:
+            columns = support.indices.shape[-1] if support.indices is not None and support.indices.dim() else 0
+            if columns + support.k > limits.max_indices:
                 raise InvalidArgument(
-                    f"INDICES support of {idx.shape[1]} ids + k={support.k} per position, over the limit "
+                    f"INDICES support of {columns} ids + k={support.k} per position, over the limit "
                     f"{limits.max_indices}"
                 )
-            if bool(((idx < -1) | (idx >= vocab)).any()):
-                raise InvalidArgument(f"support.indices must be -1 (padding) or in [0, {vocab})")
-            if support.k == 0 and not bool((idx >= 0).any(-1).all()):
-                raise InvalidArgument("INDICES with k=0 needs at least one index (not -1) per position")
         elif support.kind == "sampled":
             if not 1 <= support.n <= limits.max_samples:
                 raise InvalidArgument(f"SAMPLED needs 1 <= n <= {limits.max_samples}, got n={support.n}")
-            if not (math.isfinite(support.temperature) and support.temperature > 0):
-                raise InvalidArgument(f"SAMPLED needs a finite temperature > 0, got {support.temperature}")
+            # Checked as the engine will use it: in fp32 (1e-300 is a float64 > 0, but 0 in fp32).
+            used = torch.tensor(support.temperature, dtype=torch.float64).float().item()
+            if not (math.isfinite(used) and used >= MIN_TEMPERATURE):
+                raise InvalidArgument(
+                    f"SAMPLED needs a finite temperature >= {MIN_TEMPERATURE}, got {support.temperature}"
+                )
         elif support.kind == "dense":
             if positions > limits.max_dense_positions:
                 raise ResourceExhausted(
@@ -189,6 +224,19 @@ class ScoringService:
                 )
         else:
             raise InvalidArgument(f"support kind must be TOPK, INDICES, SAMPLED or DENSE, got {support.kind!r}")
+
+    def _check_indices(self, support: SupportSpec, positions: int, vocab: int) -> None:
+        """An INDICES support's ids: one row per scored position, each id a pad or in the vocabulary."""
+        if support.kind != "indices":
+            return
+        idx = support.indices
+        if idx is None or idx.dim() != 2 or idx.shape[0] != positions:
+            shape = None if idx is None else list(idx.shape)
+            raise InvalidArgument(f"INDICES needs support.indices of shape [{positions}, m], got {shape}")
+        if bool(((idx < -1) | (idx >= vocab)).any()):
+            raise InvalidArgument(f"support.indices must be -1 (padding) or in [0, {vocab})")
+        if support.k == 0 and not bool((idx >= 0).any(-1).all()):
+            raise InvalidArgument("INDICES with k=0 needs at least one index (not -1) per position")
 
 
 def check_same_tokenizer(teacher: ModelFingerprint, reference: ModelFingerprint) -> None:

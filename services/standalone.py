@@ -51,11 +51,11 @@ class StandaloneServer:
 
         from adpa.services.http.app import create_app
 
-        token = self.config.auth_token.get_secret_value() if self.config.auth_token else None
-        self._http = uvicorn.Server(
-            uvicorn.Config(create_app(self.frontend, token), host=self.config.host, port=self.config.http_port,
-                           log_level="warning")
-        )
+        config = self.config
+        token = config.auth_token.get_secret_value() if config.auth_token else None
+        app = create_app(self.frontend, token, max_body_bytes=int(config.http_max_body_mb * (1 << 20)),
+                         receive_timeout_s=config.receive_timeout_s, open_metrics=config.open_metrics)
+        self._http = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.http_port, log_level="warning"))
         self._http_thread = threading.Thread(target=self._http.run, name="adpa-http", daemon=True)
         self._http_thread.start()
         logger.info("HTTP (health, readiness, info, metrics) on %s:%d", self.config.host, self.config.http_port)

@@ -263,6 +263,9 @@ def test_lengths_not_matching_input_ids(teacher, lengths):
         pytest.param(SupportSpec("sampled", n=MAX_SAMPLES + 1), [f"n={MAX_SAMPLES + 1}"], id="sampled-n-over-max"),
         pytest.param(SupportSpec("sampled", n=4, temperature=-1.0), ["temperature", "-1"], id="sampled-negative-t"),
         pytest.param(SupportSpec("sampled", n=4, temperature=float("nan")), ["temperature", "nan"], id="sampled-nan-t"),
+        # Issue 11 finding 1: finite and > 0 on the wire, but 1/T leaves fp32 (NaN draws, status OK before).
+        pytest.param(SupportSpec("sampled", n=4, temperature=1e-45), ["temperature", ">= 0.01"], id="sampled-denormal-t"),
+        pytest.param(SupportSpec("sampled", n=4, temperature=1e-3), ["temperature", ">= 0.01"], id="sampled-tiny-t"),
         pytest.param(SupportSpec("indices", k=MAX_K + 1, indices=torch.zeros(POSITIONS, 1)), [f"k={MAX_K + 1}"],
                      id="indices-k-over-max"),
         pytest.param(SupportSpec("indices", k=2), [f"shape [{POSITIONS}, m]", "got None"], id="indices-missing"),
@@ -345,6 +348,13 @@ def test_unknown_or_wrong_datatype(teacher, fields, needles):
                      id="ranges-shape-lies"),
         pytest.param({"support_kind": pb.INDICES, "support_indices": tensor([[1, 2]] * 8, shape=[8, 3])},
                      ["support.indices", "needs 96 bytes, got 64"], id="indices-shape-lies"),
+        # Issue 11 finding 2: zero bytes match a zero-size shape, but numpy can't make such an array
+        # (INTERNAL before).
+        pytest.param({"score_ranges": pb.Tensor(datatype="INT32", shape=[0, 2**62], raw=b"")},
+                     ["score_ranges", "over 2147483647 elements"], id="empty-with-a-huge-dimension"),
+        pytest.param({"support_kind": pb.INDICES,
+                      "support_indices": pb.Tensor(datatype="INT32", shape=[2**63 - 1, 0], raw=b"")},
+                     ["support.indices", "over 2147483647 elements"], id="indices-empty-with-a-huge-dimension"),
     ],
 )
 def test_raw_bytes_not_matching_shape(teacher, fields, needles):
@@ -479,3 +489,29 @@ def test_indices_of_padding_only_with_k0(teacher, signal):
     indices = torch.full((POSITIONS, 2), -1)
     msg = request(signal=signal, support=SupportSpec("indices", k=0, indices=indices))
     teacher.assert_refused(msg, Codes.INVALID_ARGUMENT, "index")
+
+
+def test_sampled_with_a_temperature_that_is_zero_in_fp32_over_http(teacher_server, teacher):
+    """Issue 11 finding 1 over HTTP: 1e-300 is a float64 > 0 but 0 in fp32 (NaN weights with 200 before)."""
+    url = f"http://127.0.0.1:{teacher_server.http_port}/v1/score"
+    body = {"sequences": [[5, 37, 7]], "support": {"kind": "sampled", "n": 4, "temperature": 1e-300}}
+    answer = httpx.post(url, json=body, timeout=TIMEOUT_S)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == "INVALID_ARGUMENT"
+    assert_readable(answer.json()["message"], "temperature", ">= 0.01")
+    teacher.assert_serving()
+
+
+def test_unparsable_bytes_are_invalid_argument_without_a_logged_traceback(teacher_server, teacher):
+    """Issue 11 finding 8: bytes that are no ScoreRequest were INTERNAL, with a traceback logged at ERROR."""
+    log = teacher_server.log_path.read_text()
+    with grpc.insecure_channel(f"127.0.0.1:{teacher_server.port}") as channel:
+        raw = channel.unary_unary("/adpa.v1.Scorer/Score")  # bytes in, bytes out
+        for garbage in (b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\x0f", bytes(range(256))):
+            with pytest.raises(grpc.RpcError) as info:
+                raw(garbage, timeout=TIMEOUT_S)
+            assert info.value.code() == Codes.INVALID_ARGUMENT, info.value.details()
+            assert_readable(info.value.details(), "could not be parsed as adpa.v1.ScoreRequest")
+    new_lines = teacher_server.log_path.read_text()[len(log):]
+    assert "Traceback" not in new_lines and " ERROR " not in new_lines, new_lines[-2000:]
+    teacher.assert_serving()

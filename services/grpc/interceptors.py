@@ -1,44 +1,47 @@
-"""gRPC server interceptors: bearer-token auth, and errors -> status codes (with metrics).
+"""The gRPC server interceptor (asyncio): auth, receiving the request, errors -> status codes, metrics.
 
 Transport concerns live here, never in the servicer: a servicer raises `ServiceError`s, and an
 unexpected exception becomes INTERNAL with a generic message (the traceback goes to the log).
+
+Every call passes through `ServiceInterceptor` before its request message is read:
+
+1. With a token configured, the call's metadata is checked first, for every method, known or
+   not (health excepted): a refused caller learns nothing about which methods exist, and the
+   refusal is sent at once, without waiting for a message the caller may never send.
+2. A unary call's message is then received here, as raw bytes, within `receive_timeout_s`
+   (DEADLINE_EXCEEDED after that), and parsed here: bytes that are not the method's request
+   message are INVALID_ARGUMENT, not an internal error. On the asyncio server a caller that is
+   slow to send holds no thread, only this coroutine.
+3. The servicer runs; its `ServiceError`s become their status (with a `grpc-retry-pushback-ms`
+   trailer when they carry a retry hint), and every call is counted by `Frontend.observe`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import inspect
 import logging
-from collections.abc import Callable
+import traceback
 
 import grpc
+from grpc import aio
 
-from adpa.errors import ServiceError, Unauthenticated
+from adpa.errors import DeadlineExceeded, InvalidArgument, ServiceError, Unauthenticated
 from adpa.services.frontend import Frontend
+from adpa.services.memory import release_free_memory
 
 logger = logging.getLogger(__name__)
 
 # Probes (Kubernetes, load balancers) can't send tokens; health reveals nothing else.
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
+INTERNAL_MESSAGE = "internal error; the server log has the details"
+TRIM_AFTER_BYTES = 8 << 20
 
 
 def status_of(err: ServiceError) -> grpc.StatusCode:
     """The gRPC status of a service error (the error codes are gRPC's names)."""
     return grpc.StatusCode[err.code]
-
-
-def _replace_behavior(handler: grpc.RpcMethodHandler, behavior: Callable) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming kind as `handler`, running `behavior` instead."""
-    if handler.unary_unary:
-        factory = grpc.unary_unary_rpc_method_handler
-    elif handler.unary_stream:
-        factory = grpc.unary_stream_rpc_method_handler
-    elif handler.stream_unary:
-        factory = grpc.stream_unary_rpc_method_handler
-    else:
-        factory = grpc.stream_stream_rpc_method_handler
-    return factory(
-        behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-    )
 
 
 def check_bearer(metadata, token: str) -> None:
@@ -55,53 +58,119 @@ def check_bearer(metadata, token: str) -> None:
         raise Unauthenticated("missing bearer token" if not offered else "invalid bearer token")
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Accepts a call only if some `authorization` metadata entry is exactly `Bearer <token>`."""
+def _forget_frames(err: BaseException) -> None:
+    """Drop the local variables of the finished frames an error passed through.
 
-    def __init__(self, token: str):
-        self._token = token
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(UNAUTHENTICATED_PREFIXES):
-            return handler
-        try:
-            check_bearer(handler_call_details.invocation_metadata, self._token)
-            return handler
-        except Unauthenticated as err:
-            refusal = err
-
-        def refuse(request_or_iterator, context):
-            raise refusal
-
-        return _replace_behavior(handler, refuse)
+    A refused request's error outlives its call (gRPC keeps the last call's state, futures keep their
+    exception), and its traceback would keep every frame's locals alive with it: the request message
+    and the tensors decoded from it, up to the message limit. Measured before this: +250 MB of RSS per
+    refused 60 MB request, never given back.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
 
 
-class ServiceInterceptor(grpc.ServerInterceptor):
-    """Maps ServiceError to its status (with a retry hint), hides internal faults, and counts every
-    unary call in the front end's metrics."""
+def _message_name(deserializer) -> str:
+    owner = getattr(deserializer, "__self__", None)  # SomeMessage.FromString -> SomeMessage
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return descriptor.full_name if descriptor is not None else "the request message"
 
-    def __init__(self, frontend: Frontend):
+
+class ServiceInterceptor(aio.ServerInterceptor):
+    """Auth before the message is read, a deadline for receiving it, parse errors as INVALID_ARGUMENT,
+    ServiceError -> status (with a retry hint), internal faults hidden, every unary call counted."""
+
+    def __init__(self, frontend: Frontend, *, token: str | None = None, receive_timeout_s: float = 30.0):
         self.frontend = frontend
+        self._token = token
+        self.receive_timeout_s = receive_timeout_s
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if self._token is not None and not method.startswith(UNAUTHENTICATED_PREFIXES):
+            try:
+                check_bearer(handler_call_details.invocation_metadata, self._token)
+            except Unauthenticated as err:
+                # Unknown methods too (one label for all of them: callers choose these names).
+                return self._refusal(method.rsplit("/", 1)[-1] if handler is not None else "unknown", err)
         if handler is None or handler.unary_unary is None:
             return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        return self._guarded(method, handler)
 
-        def guarded(request, context):
+    def _refusal(self, label: str, err: ServiceError) -> grpc.RpcMethodHandler:
+        """A handler that refuses at once, whatever the method's kind, without reading a message."""
+
+        async def refuse(request_iterator, context):
             try:
-                with self.frontend.observe(method, "grpc"):
-                    return handler.unary_unary(request, context)
+                with self.frontend.observe(label, "grpc"):
+                    raise err
+            except ServiceError as refused:
+                await self._abort(context, refused)
+
+        return grpc.stream_unary_rpc_method_handler(refuse)
+
+    def _guarded(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler` (unary-unary) taking its message from us: received with a deadline, parsed safely."""
+        label = method.rsplit("/", 1)[-1]
+
+        async def behavior(request_iterator, context):
+            size = 0
+            try:
+                with self.frontend.observe(label, "grpc"):
+                    raw = await self._receive(context)
+                    size = len(raw)
+                    request = self._parse(handler.request_deserializer, raw)
+                    raw = None
+                    response = handler.unary_unary(request, context)
+                    return await response if inspect.isawaitable(response) else response
             except ServiceError as err:
-                if err.retry_after_ms is not None:
-                    context.set_trailing_metadata((("grpc-retry-pushback-ms", str(err.retry_after_ms)),))
-                context.abort(status_of(err), err.message)
-            except Exception:
+                raw = request = response = None
+                _forget_frames(err)
+                if size >= TRIM_AFTER_BYTES:  # a big request refused: give its memory back to the system now
+                    await asyncio.get_running_loop().run_in_executor(None, release_free_memory)
+                await self._abort(context, err)
+            except (asyncio.CancelledError, aio.AbortError):
+                raise
+            except Exception as err:
                 if context.code() not in (None, grpc.StatusCode.OK):  # aborted deeper down: pass it on
                     raise
-                logger.exception("internal error in %s", handler_call_details.method)
-                context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
+                logger.exception("internal error in %s", method)
+                raw = request = response = None
+                _forget_frames(err)
+                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
-        return _replace_behavior(handler, guarded)
+        # Same wire as a unary call (one message, then half-close); only who reads it changes.
+        return grpc.stream_unary_rpc_method_handler(behavior, response_serializer=handler.response_serializer)
+
+    async def _receive(self, context) -> bytes:
+        try:
+            message = await asyncio.wait_for(context.read(), self.receive_timeout_s)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(
+                f"the request message did not arrive within {self.receive_timeout_s:g} s of the call's start"
+            ) from None
+        if message is aio.EOF:
+            raise InvalidArgument("the call ended without a request message")
+        return message
+
+    @staticmethod
+    def _parse(deserializer, raw: bytes):
+        if deserializer is None:
+            return raw
+        try:
+            return deserializer(raw)
+        except Exception as err:  # protobuf's DecodeError, or anything a deserializer raises
+            raise InvalidArgument(
+                f"the request ({len(raw)} bytes) could not be parsed as {_message_name(deserializer)}: "
+                f"{type(err).__name__}"
+            ) from None
+
+    @staticmethod
+    async def _abort(context, err: ServiceError) -> None:
+        if err.retry_after_ms is not None:
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(err.retry_after_ms)),))
+        await context.abort(status_of(err), err.message)

@@ -13,6 +13,10 @@ from adpa.protocol import ModelFingerprint, SupportValues
 
 logger = logging.getLogger(__name__)
 
+# Handshake answers worth waiting out at start-up: the reference is still loading, or busy.
+WAIT_FOR = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                      grpc.StatusCode.RESOURCE_EXHAUSTED})
+
 
 class RemoteReference:
     """A reference service, asked only for the indices a teacher needs."""
@@ -28,7 +32,8 @@ class RemoteReference:
         """Connect to `endpoint`, waiting up to `wait_s` for its handshake (it may still be loading)."""
         # Few retries here: the trainer's own client retries the teacher's UNAVAILABLE, and retries
         # at both levels would multiply.
-        client = TeacherClient(endpoint, token=token, max_message_bytes=max_message_bytes, max_retries=1, backoff_s=0.1)
+        client = TeacherClient(endpoint, token=token, max_message_bytes=max_message_bytes, max_retries=1,
+                               max_busy_retries=1, backoff_s=0.1)
         reference = cls(client)
         deadline = time.monotonic() + wait_s
         while True:
@@ -37,10 +42,18 @@ class RemoteReference:
                 logger.info("reference %s at %s (model %s)", fp.model_name, endpoint, fp.model_hash)
                 return reference
             except grpc.RpcError as err:
+                code = err.code()
+                if code not in WAIT_FOR:  # it answered, and the answer will not change by waiting
+                    reference.close()
+                    hint = (" (check --reference-token / ADPA_REFERENCE_TOKEN)"
+                            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) else "")
+                    raise RuntimeError(
+                        f"reference at {endpoint} refused the handshake with {code.name}: {err.details()}{hint}"
+                    ) from None
                 if time.monotonic() > deadline:
                     reference.close()
                     raise RuntimeError(f"reference at {endpoint} did not answer within {wait_s:.0f}s") from err
-                logger.info("waiting for reference at %s (%s)", endpoint, err.code().name)
+                logger.info("waiting for reference at %s (%s)", endpoint, code.name)
                 time.sleep(2.0)
 
     @property

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import Annotated
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from adpa.errors import InvalidArgument
 from adpa.protocol import (
     Limits,
     ModelFingerprint,
     ModelInfo,
+    QuerySize,
     Role,
     ScoreQuery,
     ScoreResult,
@@ -29,15 +33,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Integers as the gRPC wire holds them (JSON integers are unbounded): an id or range of 2^63 is a 422,
+# not an overflow deep inside the server.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+UInt64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
+
+
 class SupportJSON(_Strict):
     """Which tokens an answer covers at each scored position."""
 
     kind: SupportName = Field("topk", description="topk, indices, sampled or dense")
-    k: int = Field(8, description="TOPK: the teacher's k most probable tokens; INDICES: added to the caller's ids")
-    n: int = Field(0, description="SAMPLED: draws per position")
-    seed: int = Field(0, description="SAMPLED: seed of the draws")
-    temperature: float = Field(1.0, description="SAMPLED: proposal temperature")
-    indices: list[list[int]] | None = Field(None, description="INDICES: [P, m] ids per scored position, -1 pads")
+    k: Int32 = Field(8, description="TOPK: the teacher's k most probable tokens; INDICES: added to the caller's ids")
+    n: Int32 = Field(0, description="SAMPLED: draws per position")
+    seed: UInt64 = Field(0, description="SAMPLED: seed of the draws")
+    temperature: float = Field(1.0, description="SAMPLED: proposal temperature, >= 0.01")
+    indices: list[list[Int64]] | None = Field(None, description="INDICES: [P, m] ids per scored position, -1 pads")
 
     def to_record(self) -> SupportSpec:
         indices = None
@@ -52,8 +63,8 @@ class SupportJSON(_Strict):
 class ScoreRequestJSON(_Strict):
     """A scoring request (`ScoreQuery`); answers are FP32 JSON numbers."""
 
-    sequences: list[list[int]] = Field(description="token ids of each sequence")
-    ranges: list[tuple[int, int]] | None = Field(
+    sequences: list[list[Int64]] = Field(description="token ids of each sequence")
+    ranges: list[tuple[Int64, Int64]] | None = Field(
         None, description="[start, end) positions to score per sequence (default: all positions)"
     )
     signal: SignalName = "logprobs"
@@ -61,12 +72,21 @@ class ScoreRequestJSON(_Strict):
     include_logprobs: bool = Field(False, description="ADVANTAGE: also return both models' log-probs")
     request_id: str = ""
 
-    def to_record(self) -> ScoreQuery:
+    def to_record(self, check_size: Callable[[QuerySize], None] | None = None) -> ScoreQuery:
+        """The record; `check_size` (the server's) sees the sizes before any per-sequence tensor is made."""
+        ranges = self.ranges or [(0, len(s)) for s in self.sequences]
+        if len(ranges) != len(self.sequences):
+            raise InvalidArgument(f"{len(self.sequences)} sequences but {len(ranges)} score ranges")
+        support = self.support.to_record()
+        if check_size is not None:
+            lengths = torch.tensor([len(s) for s in self.sequences], dtype=torch.long)
+            check_size(QuerySize(lengths, torch.tensor(ranges, dtype=torch.long).reshape(-1, 2), support,
+                                 include_logprobs=self.include_logprobs))
         return ScoreQuery(
             sequences=[torch.tensor(s, dtype=torch.long) for s in self.sequences],
-            ranges=self.ranges or [(0, len(s)) for s in self.sequences],
+            ranges=[(int(a), int(b)) for a, b in ranges],
             signal=self.signal,
-            support=self.support.to_record(),
+            support=support,
             include_logprobs=self.include_logprobs,
             request_id=self.request_id,
         )

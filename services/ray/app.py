@@ -124,11 +124,14 @@ class Teacher:
         self.service = build_service(settings, handle_reference)
         self.frontend = Frontend(self.service, max_inflight=settings.max_inflight, replica=_replica_id())
         self.token = settings.auth_token.get_secret_value() if settings.auth_token else None
+        self.settings = settings
 
     def __serve_build_asgi_app__(self):
         from adpa.services.http.app import create_app
 
-        return create_app(self.frontend, self.token)
+        s = self.settings
+        return create_app(self.frontend, self.token, max_body_bytes=int(s.http_max_body_mb * (1 << 20)),
+                          receive_timeout_s=s.receive_timeout_s, open_metrics=s.open_metrics)
 
     def _grpc(self, method: str, grpc_context, work, empty):
         """One gRPC call: auth, metrics and errors as `adpa serve` answers them."""
@@ -155,7 +158,7 @@ class Teacher:
 
     def Score(self, request: pb.ScoreRequest, grpc_context) -> pb.ScoreResponse:
         def work() -> pb.ScoreResponse:
-            query = codec.query_from_pb(request)
+            query = codec.query_from_pb(request, check_size=self.frontend.check_size)  # sizes before the split
             result = self.frontend.score(query, caller=grpc_context.peer())
             return codec.result_to_pb(result, request.request_id, query.value_dtype)
 
