@@ -224,3 +224,19 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, prefs, student_path, t
     assert full.keys() == resumed.keys()
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], atol=1e-5, rtol=1e-4)
+
+
+def test_sampled_support_trains_with_importance_weights(tmp_path, prefs, student_path, local_teacher):
+    """support=sampled: DCKD's KL and ADPA's term from teacher draws with importance weights (their
+    unbiasedness is tested in test_losses.py); here: the methods that accept it train, the others refuse it."""
+    records = load_records(str(prefs))
+    for method in ("dckd", "vanilla-kd", "adpa", "adpa-no-ref"):
+        trainer = run_distill(str(student_path), config(tmp_path / method, method, support="sampled", sample_n=6,
+                                                        max_steps=3), records, teacher=local_teacher)
+        losses = losses_of(trainer)
+        assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))), method
+    for method in ("q-argmax", "q-softmax", "adpa-release"):
+        with pytest.raises(ValueError, match="accepts support"):
+            config(tmp_path / method, method, support="sampled")
+    with pytest.raises(ValueError, match="support_floor needs floor_penalty"):
+        config(tmp_path / "floor", "adpa", support="sampled", support_floor=1e-3)

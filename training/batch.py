@@ -80,6 +80,7 @@ class TeacherSignals:
     tail: torch.Tensor | None  # (B, T)
     logprobs: torch.Tensor | None = None  # (B, T, m): pi_dpo on the support (advantage + include_logprobs)
     reference_logprobs: torch.Tensor | None = None  # (B, T, m): pi_ref on the support
+    weights: torch.Tensor | None = None  # (B, T, n): importance weights of a sampled support
 
     @classmethod
     def from_result(cls, result: ScoreResult, batch: TokenBatch) -> TeacherSignals:
@@ -95,11 +96,12 @@ class TeacherSignals:
             tail=grid(result.tail, 0.0),
             logprobs=grid(result.extras.get("logprobs"), 0.0),
             reference_logprobs=grid(result.extras.get("reference_logprobs"), 0.0),
+            weights=grid(result.weights, 0.0),
         )
 
     def to(self, device: torch.device | str) -> TeacherSignals:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return TeacherSignals(
             self.signal, move(self.indices), move(self.values), move(self.tail), move(self.logprobs),
-            move(self.reference_logprobs),
+            move(self.reference_logprobs), move(self.weights),
         )

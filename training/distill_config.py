@@ -23,14 +23,16 @@ class DistillConfig(TrainingArguments):
     reference: str | None = field(
         default=None, metadata={"help": "with a local teacher: path of the reference model (needed for advantages)"}
     )
-    teacher_token: str | None = field(default=None, metadata={"help": "bearer token for the teacher service"})
+    teacher_token: str | None = field(default=None, metadata={"help": "bearer token for the teacher service (default: the ADPA_TEACHER_TOKEN environment variable, which `ps` does not show)"})
     beta: float = field(default=0.1, metadata={"help": "advantage scale of a local teacher (a service reports its own)"})
     alpha: float = field(default=0.1, metadata={"help": "DCKD: weight of each KL term"})
     gamma: float | None = field(default=None, metadata={"help": f"ADPA: weight of the advantage term ({default_note('gamma')})"})
     sft_weight: float = field(default=1.0, metadata={"help": "weight of the SFT term on y_w"})
-    support: str = field(default="topk", metadata={"help": "teacher support: topk, indices (student top-k + sampled token + teacher top-k), or dense"})
+    support: str = field(default="topk", metadata={"help": "teacher support: topk (+ tail bucket), indices (student top-k + sampled token + teacher top-k), dense, or sampled (sample_n draws from the teacher with importance weights: unbiased KL and ADPA estimates)"})
     support_k: int | None = field(default=None, metadata={"help": f"teacher top-k ({default_note('support_k')})"})
     student_k: int = field(default=8, metadata={"help": "support=indices: the student's own top-k added per position"})
+    sample_n: int = field(default=32, metadata={"help": "support=sampled: draws per position"})
+    sample_temperature: float = field(default=1.0, metadata={"help": "support=sampled: the proposal is pi_dpo^(1/T); T > 1 reaches further into the tail"})
     value_dtype: str = field(default="FP32", metadata={"help": "dtype of signal values on the wire: FP32, BF16, FP16"})
     loss_reduction: str = field(default="mean", metadata={"help": "mean: per-token mean over the micro-batch's scored positions; sum: their sum"})
     support_floor: float | None = field(
@@ -71,8 +73,11 @@ class DistillConfig(TrainingArguments):
             raise ValueError("support=topk needs support_k >= 1")
         if self.rollout == "online" and self.cache_dir:
             raise ValueError("cache_dir caches fixed data; online rollouts change every step, so they can't be cached")
-        if self.support_floor is not None and self.support == "dense" and self.floor_penalty is None:
-            raise ValueError("support=dense has no tail bucket: support_floor needs floor_penalty")
+        if self.support_floor is not None and self.support in ("dense", "sampled") and self.floor_penalty is None:
+            raise ValueError(f"support={self.support} has no tail bucket: support_floor needs floor_penalty")
+        if self.support == "sampled" and not (self.sample_n >= 1 and self.sample_temperature > 0):
+            raise ValueError(f"support=sampled needs sample_n >= 1 and sample_temperature > 0, got {self.sample_n}, "
+                             f"{self.sample_temperature}")
         if self.support_floor is not None and not 0 < self.support_floor < 1:
             raise ValueError(f"support_floor must be in (0, 1), got {self.support_floor}")
 

@@ -180,9 +180,9 @@ class DistillTrainer(Trainer):
             "beta": self.teacher_info.beta,
             "records": hashlib.sha256(json.dumps([vars(r) for r in self.records]).encode()).hexdigest(),
             "plan": self.plan,
-            **{k: getattr(a, k) for k in ("method", "support", "support_k", "student_k", "value_dtype",
-                                          "support_floor", "rollout_greedy", "rollout_temperature",
-                                          "max_new_tokens", "seed")},
+            **{k: getattr(a, k) for k in ("method", "support", "support_k", "student_k", "sample_n",
+                                          "sample_temperature", "value_dtype", "support_floor", "rollout_greedy",
+                                          "rollout_temperature", "max_new_tokens", "seed")},
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -289,9 +289,13 @@ class DistillTrainer(Trainer):
         top = logits[batch.mask.to(device)].topk(self.args.student_k, dim=-1).indices.cpu()  # (P, k)
         return torch.cat([top, batch.targets[batch.mask][:, None]], dim=-1)
 
-    def _support(self, indices: torch.Tensor | None) -> SupportSpec:
+    def _support(self, j: int, indices: torch.Tensor | None) -> SupportSpec:
+        """The support asked for plan item j (sampled supports draw with a seed of the run and the item)."""
         if self.args.support == "dense":
             return SupportSpec("dense")
+        if self.args.support == "sampled":
+            seed = (self.args.seed * 1_000_003 + j) % 2**63
+            return SupportSpec("sampled", n=self.args.sample_n, seed=seed, temperature=self.args.sample_temperature)
         if indices is not None:
             return SupportSpec("indices", k=self.args.support_k, indices=indices)
         return SupportSpec("topk", k=self.args.support_k)
@@ -307,8 +311,9 @@ class DistillTrainer(Trainer):
         batches = {name: getattr(staged, name) for name in spec.teacher_batches}
         answer = self.teacher.score(
             [seq for b in batches.values() for seq in b.sequences], [r for b in batches.values() for r in b.ranges],
-            signal=spec.signal, support=self._support(staged.indices), value_dtype=a.value_dtype,
-            include_logprobs=a.support_floor is not None and spec.signal == "advantage",
+            signal=spec.signal, support=self._support(j, staged.indices), value_dtype=a.value_dtype,
+            # Both models' log-probs: for the support floor, and for a sampled ADPA term's q / p ratio.
+            include_logprobs=spec.signal == "advantage" and (a.support_floor is not None or a.support == "sampled"),
         )
         signals = dict(zip(batches, _split_signals(answer, list(batches.values()))))
         chosen_signals, other_signals = signals.get("chosen"), signals.get("other")

@@ -27,7 +27,10 @@ Signal = Literal["logprobs", "advantage"]
 #   "pair":    y_w and y_l, in one request;
 #   "samples": the student's samples y_hat (y_w still feeds the SFT term, on the student side only).
 Sides = Literal["chosen", "pair", "samples"]
-SUPPORTS = ("topk", "indices", "dense")
+SUPPORTS = ("topk", "indices", "dense", "sampled")
+# The losses that read a support as a list of tokens (argmax, a softmax over it) have no
+# importance-weighted form: they take the deterministic supports only.
+_DETERMINISTIC = ("topk", "indices", "dense")
 
 # Defaults of the `DistillConfig` fields a method may override (fields left at None there).
 COMMON_DEFAULTS: dict[str, Any] = {"gamma": 1.0, "support_k": 32}
@@ -94,8 +97,11 @@ def _sft(x: LossInputs) -> torch.Tensor:
 
 
 def _kl(side: Scored, reduction: losses.Reduction) -> torch.Tensor:
-    """KL(pi_dpo || pi_theta) on one response, reduced over its own positions."""
+    """KL(pi_dpo || pi_theta) on one response, reduced over its own positions (importance-weighted
+    draws for a sampled support)."""
     s = side.signals
+    if s.weights is not None:
+        return losses.sampled_kl(s.indices, s.values, s.weights, side.logits, side.batch.mask, reduction=reduction)
     return losses.kl_loss(s.indices, s.values, s.tail, side.logits, side.batch.mask, reduction=reduction)
 
 
@@ -130,9 +136,14 @@ def _with_sft(x: LossInputs, term: torch.Tensor) -> LossOutput:
     return x.sft_weight * sft + term, {"sft": sft, "advantage_term": term}
 
 
-def _adpa_term(x: LossInputs, indices, values, tail) -> torch.Tensor:
-    """-gamma * mean_t G_t: dense, or on the support with its tail bucket."""
+def _adpa_term(x: LossInputs, indices, values, tail, teacher_logprobs=None) -> torch.Tensor:
+    """-gamma * mean_t G_t: dense, on the support with its tail bucket, or importance-weighted draws
+    (which need log pi_dpo at the draws)."""
     mask = x.other.batch.mask
+    weights = x.other.signals.weights
+    if weights is not None:
+        return losses.sampled_adpa_loss(indices, values, teacher_logprobs, weights, x.other.logits, mask,
+                                        gamma=x.gamma, reduction=x.reduction)
     if indices is None:
         return losses.dense_adpa_loss(values, x.other.logits, mask, gamma=x.gamma, reduction=x.reduction)
     return losses.sparse_adpa_loss(indices, values, tail, x.other.logits, mask, gamma=x.gamma, reduction=x.reduction)
@@ -163,12 +174,12 @@ def vanilla_kd(x: LossInputs) -> LossOutput:
 
 def adpa(x: LossInputs) -> LossOutput:
     """sft_weight * L_SFT(y_w) - gamma * mean_t G_t on y_hat, A the service's advantage."""
-    return _with_sft(x, _adpa_term(x, *_advantage(x)))
+    return _with_sft(x, _adpa_term(x, *_advantage(x), teacher_logprobs=x.other.signals.logprobs))
 
 
 def adpa_no_ref(x: LossInputs) -> LossOutput:
     """As `adpa`, with A = beta * log pi_dpo (tail: beta * log tail_dpo)."""
-    return _with_sft(x, _adpa_term(x, *_advantage(x, from_logprobs=True)))
+    return _with_sft(x, _adpa_term(x, *_advantage(x, from_logprobs=True), teacher_logprobs=x.other.signals.values))
 
 
 def adpa_release(x: LossInputs) -> LossOutput:
@@ -216,9 +227,9 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
                "advantage", "samples", adpa_release, _SAMPLE_PARTS,
                defaults={"gamma": 1.6, "support_k": 50}, supports=("topk",)),
     MethodSpec("q-argmax", "SFT(y_w) + CE to argmax_a A(a) on samples",
-               "advantage", "samples", q_argmax, _SAMPLE_PARTS),
+               "advantage", "samples", q_argmax, _SAMPLE_PARTS, supports=_DETERMINISTIC),
     MethodSpec("q-softmax", "SFT(y_w) + KL(softmax(A) || pi_theta) on samples",
-               "advantage", "samples", q_softmax, _SAMPLE_PARTS),
+               "advantage", "samples", q_softmax, _SAMPLE_PARTS, supports=_DETERMINISTIC),
 )}
 
 
