@@ -38,6 +38,8 @@ def _common_args(out: Path, steps: int, lr: float, batch_size: int, seed: int) -
         output_dir=str(out), max_steps=steps, learning_rate=lr, per_device_train_batch_size=batch_size,
         logging_steps=max(1, steps // 20), save_strategy="no", report_to=[], use_cpu=True, seed=seed,
         disable_tqdm=True, lr_scheduler_type="constant_with_warmup", warmup_steps=min(10, steps // 10),
+        # TRL turns it on by default; on these tiny models it only costs a second forward per step.
+        gradient_checkpointing=False,
     )
 
 
@@ -63,6 +65,7 @@ class DemoRun:
         self.models = self.workdir / "models"
         self.curves: dict[str, list[tuple[int, float]]] = {}
         self._seqkd_records: datasets.Dataset | None = None
+        self._tokenized: dict[int, list] = {}  # max_length -> tokenised pairs
 
     # -- the world and stage 0 ------------------------------------------------------------------
 
@@ -121,17 +124,31 @@ class DemoRun:
             config = DistillConfig(
                 **_common_args(out, steps, lr, c.batch_size, seed),
                 method="adpa" if plus else method.method, teacher=endpoints[method.teacher],
-                max_new_tokens=c.max_new_tokens, **options,
+                max_new_tokens=c.max_new_tokens,
+                # Offline samples (and top-k answers) depend on the student, the seed and the support,
+                # not on the learning rate or gamma: a grid's settings draw them once.
+                cache_dir=str(self.workdir / "cache") if options.get("rollout", "offline") == "offline" else None,
+                **options,
             )
+            examples = self._examples(pairs, config.max_length)
             if plus:  # as many steps in all as ADPA alone: half DCKD, half ADPA
                 run = RunArguments(model=str(self.student_sft), dataset=str(self.paths["pairs"]),
                                    plus_dckd_steps=c.steps - steps)
-                trainer = run_adpa_plus(run, config, pairs, silent=True)
+                trainer = run_adpa_plus(run, config, pairs, silent=True, examples=examples)
             else:
-                trainer = run_distill(str(self.student_sft), config, pairs, silent=True)
+                trainer = run_distill(str(self.student_sft), config, pairs, silent=True, examples=examples)
         self.curves[_run_label(name, setting, seed)] = _curve(trainer)
         return out
 
+
+    def _examples(self, records: datasets.Dataset, max_length: int) -> list:
+        """The preference records tokenised once (every student shares the world's tokenizer)."""
+        if max_length not in self._tokenized:
+            from adpa.training.data import tokenize_preferences
+
+            tokenizer = AutoTokenizer.from_pretrained(self.student_sft)
+            self._tokenized[max_length] = tokenize_preferences(records, tokenizer, max_length=max_length)
+        return self._tokenized[max_length]
 
     def _seqkd_data(self) -> datasets.Dataset:
         if self._seqkd_records is None:

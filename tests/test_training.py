@@ -240,3 +240,12 @@ def test_sampled_support_trains_with_importance_weights(tmp_path, prefs, student
             config(tmp_path / method, method, support="sampled")
     with pytest.raises(ValueError, match="support_floor needs floor_penalty"):
         config(tmp_path / "floor", "adpa", support="sampled", support_floor=1e-3)
+
+
+def test_indices_answers_are_not_cached(tmp_path, prefs, student_path, local_teacher):
+    """support=indices asks for the current student's top-k: only the samples may be reused."""
+    records = load_records(str(prefs))
+    run_distill(str(student_path), config(tmp_path / "run", "adpa", support="indices", student_k=4, max_steps=2,
+                                          cache_dir=str(tmp_path / "cache")), records, teacher=local_teacher)
+    cached = {p.name.split("-")[0] for p in (tmp_path / "cache").glob("*/*")}
+    assert cached == {"samples"}

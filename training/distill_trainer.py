@@ -301,8 +301,13 @@ class DistillTrainer(Trainer):
         return SupportSpec("topk", k=self.args.support_k)
 
     def _fetch(self, j: int, staged: Staged) -> Prepared:
-        """Runs on a worker thread: the teacher's signals for plan item j (or the cached ones)."""
-        path = self._cache / f"signals-{j}.pt" if self._cache else None
+        """Runs on a worker thread: the teacher's signals for plan item j (or the cached ones).
+
+        With support=indices the request holds the current student's top-k, so its answer is never
+        cached: a later epoch, or a run with other hyperparameters, asks for other ids.
+        """
+        cacheable = self._cache is not None and self.args.support != "indices"
+        path = self._cache / f"signals-{j}.pt" if cacheable else None
         if path is not None and path.exists():
             cached = torch.load(path, weights_only=False)
             return Prepared(staged.chosen, staged.other, cached["chosen"], cached["other"])

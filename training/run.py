@@ -85,10 +85,14 @@ def train(method: str, run: RunArguments, config, records=None, *, silent: bool 
     return run_distill(run.model, config, records, silent=silent)
 
 
-def run_distill(model_path: str, config: DistillConfig, records, teacher=None, *, silent: bool = False):
+def run_distill(
+    model_path: str, config: DistillConfig, records, teacher=None, *, silent: bool = False, examples=None
+):
     """Train `model_path` with a distillation config; returns the trainer (model saved to output_dir).
 
     `teacher` defaults to `connect_teacher(config.teacher, ...)` (a service, or `local:PATH`).
+    `examples` are `records` already tokenised with this model's tokenizer (`tokenize_preferences`),
+    for callers that train many students on the same records.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,7 +102,8 @@ def run_distill(model_path: str, config: DistillConfig, records, teacher=None, *
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path)
-    examples = tokenize_preferences(records, tokenizer, max_length=config.max_length)
+    if examples is None:
+        examples = tokenize_preferences(records, tokenizer, max_length=config.max_length)
     teacher = teacher or connect_teacher(
         config.teacher, reference=config.reference, beta=config.beta, token=config.teacher_token
     )
@@ -114,12 +119,14 @@ def run_distill(model_path: str, config: DistillConfig, records, teacher=None, *
     return trainer
 
 
-def run_adpa_plus(run: RunArguments, config: DistillConfig, records, teacher=None, *, silent: bool = False):
+def run_adpa_plus(
+    run: RunArguments, config: DistillConfig, records, teacher=None, *, silent: bool = False, examples=None
+):
     """ADPA+: DCKD into OUTPUT/dckd, then ADPA from that checkpoint into OUTPUT."""
     dckd = dataclasses.replace(
         config, method="dckd", output_dir=f"{config.output_dir}/dckd",
         max_steps=run.plus_dckd_steps if run.plus_dckd_steps is not None else config.max_steps,
         support="topk" if config.support == "indices" else config.support, resume_from_checkpoint=None,
     )
-    run_distill(run.model, dckd, records, teacher, silent=silent)
-    return run_distill(dckd.output_dir, config, records, teacher, silent=silent)
+    run_distill(run.model, dckd, records, teacher, silent=silent, examples=examples)
+    return run_distill(dckd.output_dir, config, records, teacher, silent=silent, examples=examples)
