@@ -8,6 +8,7 @@
     adpa eval --model runs/dckd --prompts test.jsonl --reward mypkg.rewards:score
     adpa demo --seeds 3
     adpa quickstart
+    adpa bench serving --out serving.json
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands.add_parser("eval", help="evaluate a model's responses with a reward (see `adpa eval --help`)",
                         add_help=False)
+    commands.add_parser("bench", help="run a benchmark: serving, fidelity, step_overhead, concurrency, memory, ... "
+                        "(see `adpa bench --help`)", add_help=False)
 
     demo = commands.add_parser(
         "demo",
@@ -181,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         from adpa.training.cli import eval_main, train_main
 
         return (train_main if argv[0] == "train" else eval_main)(argv[1:])
+    if argv and argv[0] == "bench":  # each benchmark parses its own flags
+        from adpa.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

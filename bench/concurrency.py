@@ -60,6 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference", default="process", choices=["process", "separate"],
                    help="process: the reference in the teacher's process (standalone --reference PATH, Ray "
                    "ray_colocate_reference); separate: its own server / deployment")
+    p.add_argument("--preset", help="teacher and reference shape of adpa.bench.presets (its vocabulary too) instead "
+                   "of --layers/--hidden; saved under --models-dir and reused")
+    p.add_argument("--device", help="the servers' device (default: theirs, auto); with cuda, each Ray replica "
+                   "reserves half a GPU")
+    p.add_argument("--models-dir", help="with --preset: where its checkpoints go (default: --workdir)")
     p.add_argument("--workdir", help="where models and logs go (default: a temporary folder)")
     p.add_argument("--out", help="write the JSON here instead of stdout")
     return p.parse_args(argv)
@@ -147,7 +152,7 @@ def run_point(args, endpoint: str, token: str | None, metrics_url: str, trainers
 
 def serve_args(args, batching: bool) -> list[str]:
     return ["--torch-threads", "1", "--max-inflight", "64", "--batching" if batching else "--no-batching",
-            "--batch-wait-ms", str(args.batch_wait_ms)]
+            "--batch-wait-ms", str(args.batch_wait_ms), *(["--device", args.device] if args.device else [])]
 
 
 @contextmanager
@@ -197,6 +202,8 @@ def ray_app(args, cluster, teacher: Path, reference: Path, batching: bool):
         "model": str(teacher), "reference": str(reference), "beta": 0.1, "torch_threads": 1, "max_inflight": 64,
         "batching": batching, "batch_wait_ms": args.batch_wait_ms, "ray_cpus_per_replica": 0.5,
         "ray_colocate_reference": args.reference == "process",
+        **({"device": args.device} if args.device else {}),
+        **({"ray_gpus_per_replica": 0.5} if (args.device or "").startswith("cuda") else {}),
     }), name="adpa", route_prefix="/")
     try:
         yield f"grpc://127.0.0.1:{ports['grpc']}", token, f"http://127.0.0.1:{ports['http']}/metrics"
@@ -207,7 +214,8 @@ def ray_app(args, cluster, teacher: Path, reference: Path, batching: bool):
 def print_table(doc: dict) -> None:
     err = lambda s="": print(s, file=sys.stderr)  # noqa: E731
     c = doc["config"]
-    err(f"model {c['layers']}x{c['hidden']}, V={doc['vocab_size']}; requests of {c['batch']} sequences of "
+    model = f"preset {c['preset']}" if c.get("preset") else f"{c['layers']}x{c['hidden']}"
+    err(f"model {model}, V={doc['vocab_size']}; requests of {c['batch']} sequences of "
         f"{c['min_len']}-{c['max_len']} tokens, ADVANTAGE top-{c['k']}; {c['duration']:.0f} s per point; "
         f"{doc['cpus']} CPUs")
     err(f"{'mode':10} {'batching':8} {'trainers':>8} {'pos/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'req/fwd':>8} "
@@ -246,10 +254,19 @@ def main(argv=None) -> int:
     points = []
     with tempfile.TemporaryDirectory(prefix="adpa-bench-") as tmp:
         work = Path(args.workdir or tmp)
-        size = dict(layers=args.layers, hidden=args.hidden, max_seq_len=max(256, args.max_len))
-        teacher = make_tiny_model(work / "teacher", seed=1, **size)
-        reference = make_tiny_model(work / "reference", seed=2, **size)
-        vocab = 77
+        if args.preset:
+            from adpa.bench.presets import get_preset, saved_model
+
+            preset, models = get_preset(args.preset), Path(args.models_dir or work)
+            device = args.device or "cpu"  # where the random weights are made; the servers load them anyway
+            teacher = saved_model(preset, models, seed=1, device=device, dtype="auto")
+            reference = saved_model(preset, models, seed=2, device=device, dtype="auto")
+            vocab = preset.vocab
+        else:
+            size = dict(layers=args.layers, hidden=args.hidden, max_seq_len=max(256, args.max_len))
+            teacher = make_tiny_model(work / "teacher", seed=1, **size)
+            reference = make_tiny_model(work / "reference", seed=2, **size)
+            vocab = 77
         for mode in modes:
             with ExitStack() as stack:
                 cluster = stack.enter_context(ray_cluster(work)) if mode == "ray" else None

@@ -1,0 +1,169 @@
+"""`adpa bench`, the model presets, the FLOP count behind MFU, the plots, and the GPU suite's CPU smoke run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adpa.bench import ALIASES, BENCHMARKS, description
+from adpa.bench.plots import main as plots_main
+from adpa.bench.presets import PRESETS, build_model, model_shape, scoring_flops
+from adpa.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT / "bench" / "gpu_suite.sh"
+SUITE_PARTS = ("serving_8b", "wire", "serving_1b", "memory", "overhead", "concurrency")
+
+
+def test_bench_help_lists_every_benchmark_with_its_description(capsys):
+    assert cli_main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    for name in BENCHMARKS:
+        assert name in out
+        assert description(name).split()[0] in out  # the first words of its docstring
+    assert set(ALIASES.values()) <= set(BENCHMARKS)
+
+
+def test_an_unknown_benchmark_names_the_known_ones(capsys):
+    assert cli_main(["bench", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'nope'" in err and "serving" in err
+
+
+def test_bench_runs_a_benchmark_with_its_own_flags(tmp_path):
+    out = tmp_path / "fidelity.json"
+    argv = ["bench", "fidelity", "--vocab", "300", "--positions", "4", "--k", "4", "--threads", "1", "--out", str(out)]
+    assert cli_main(argv) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {r["support"] for r in rows} >= {"topk", "indices"} and all(r["k"] == 4 for r in rows)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_parameter_counts_match_the_model(name):
+    preset = PRESETS[name]
+    with torch.device("meta"):  # no memory, no init: only the shapes
+        model = build_model(preset, seed=0, device="meta", dtype="bfloat16")
+    counts = preset.parameters()
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    shape = model_shape(model)
+    assert shape["params_body_matmul"] == counts["body_matmul"]
+    assert (shape["layers"], shape["hidden"], shape["heads"], shape["kv_heads"], shape["vocab"]) == (
+        preset.layers, preset.hidden, preset.heads, preset.kv_heads, preset.vocab)
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight  # untied head
+
+
+def test_the_llama_shapes_have_the_llama_sizes():
+    assert PRESETS["8b"].parameters()["total"] == 8_030_261_248  # Llama-3.1-8B's count
+    assert round(PRESETS["1b"].parameters()["total"] / 1e9, 2) == 1.50  # Llama-3.2-1B (1.24B tied) + its own head
+    assert {PRESETS[n].vocab for n in ("tiny-128k", "1b", "3b", "8b")} == {128256}
+
+
+def test_a_preset_tokenizer_reads_the_demo_world():
+    from adpa.demo.world import WORDS
+
+    tokenizer = PRESETS["tiny"].tokenizer()
+    assert len(tokenizer) == PRESETS["tiny"].vocab
+    ids = tokenizer(" ".join(WORDS))["input_ids"]
+    assert tokenizer.unk_token_id not in ids and len(ids) == len(WORDS)
+
+
+def test_scoring_flops_match_what_torch_counts():
+    """The formula against torch's FLOP counter on the engine's real path: the counter counts every
+    matrix product (the body's linears, the head on the scored rows), and attention as the full
+    L x L square; the formula counts the causal pairs, L (L + 1) / 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from adpa.protocol import SupportSpec
+    from adpa.services.engine import ScoringEngine
+
+    preset = PRESETS["tiny"]
+    model = build_model(preset, seed=0)
+    model.set_attn_implementation("eager")  # matmuls the counter sees (it has no formula for CPU SDPA kernels)
+    engine = ScoringEngine(model, preset.tokenizer(), name="tiny", model_hash="-", batching=False,
+                           min_shared_prefix=0)  # forwards in this thread, every token forwarded
+    length, scored = 24, [(3, 20), (0, 23), (10, 11)]
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, preset.vocab, (length,), generator=g) for _ in scored]
+    with FlopCounterMode(display=False) as counter:
+        engine.score(seqs, scored, SupportSpec("topk", k=8))
+    positions = sum(e - s for s, e in scored)
+    ours = scoring_flops(model_shape(model), [length] * len(seqs), positions)
+    full_square = 4 * preset.layers * preset.heads * preset.head_dim * length * length * len(seqs)
+    assert counter.get_total_flops() == ours["body"] + ours["head"] + full_square
+    assert ours["attention"] == full_square * (length + 1) // (2 * length)
+    assert ours["head"] == 2 * preset.hidden * preset.vocab * positions  # the scored rows only
+
+
+def _fidelity_doc() -> dict:
+    rows = [{"support": s, "source": src, "k": k, "adpa_grad_cosine": 1 - 0.1 / k, "kl_rel_error": e / k,
+             "kl_grad_cosine": 1 - 0.01 / k}
+            for s, e in (("topk", 1.0), ("sampled", -0.05)) for src in ("synthetic", "real") for k in (4, 8, 16, 32, 64)]
+    rows[0]["kl_rel_error"] = 0.0  # an exact zero on a log scale
+    return {"config": {"vocab": 1000, "positions": 16}, "results": rows}
+
+
+def _memory_doc() -> dict:
+    points = [{"vocab": v, "positions": p, "support": s, "extra_bytes": p * (v * 4 if s == "dense" else 400),
+               "cuda_extra_bytes": p * 1000}
+              for v in (32000, 128256) for s in ("topk", "dense") for p in (1024, 2048, 4096)]
+    return {"config": {"layers": 2, "hidden": 64, "k": 32, "logits_budget_mb": 64, "device": "cuda"}, "points": points}
+
+
+def test_plots_from_json(tmp_path):
+    (tmp_path / "f.json").write_text(json.dumps(_fidelity_doc()))
+    (tmp_path / "m.json").write_text(json.dumps(_memory_doc()))
+    out = tmp_path / "docs"
+    argv = ["--fidelity", str(tmp_path / "f.json"), "--memory", str(tmp_path / "m.json"), "--out-dir", str(out)]
+    assert plots_main(argv) == 0
+    for name in ("fidelity.png", "memory.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_skip_missing_inputs(tmp_path, capsys):
+    argv = ["--fidelity", str(tmp_path / "none.json"), "--memory", str(tmp_path / "none.json"),
+            "--out-dir", str(tmp_path)]
+    assert plots_main(argv) == 1
+    assert "not found, skipped" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def _suite(*args: str, tmp_path: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1",
+           "ADPA_TORCH_THREADS": "1"}
+    return subprocess.run(["bash", str(SUITE), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_the_gpu_suite_refuses_to_run_without_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    run = _suite(str(tmp_path / "out"), tmp_path=tmp_path, timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "nvidia-smi not found" in run.stderr or "torch.cuda.is_available() is False" in run.stderr
+    bad = _suite("--parts", "serving,nope", str(tmp_path / "out"), tmp_path=tmp_path, timeout=60)
+    assert bad.returncode == 2 and "unknown part serving" in bad.stderr
+
+
+@pytest.mark.slow
+def test_the_gpu_suite_smoke_run_on_cpu(tmp_path):
+    """Every part of bench/gpu_suite.sh with the tiny preset and tiny durations: each JSON appears and
+    parses (the numbers mean nothing here)."""
+    out = tmp_path / "suite"
+    run = _suite("--smoke", "--peak-tflops", "1", str(out), tmp_path=tmp_path, timeout=400)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    suite = json.loads((out / "suite.json").read_text())
+    assert [p["part"] for p in suite["parts"]] == list(SUITE_PARTS)
+    assert all(p["exit"] == 0 for p in suite["parts"]), suite["parts"]
+    docs = {part: json.loads((out / f"{part}.json").read_text()) for part in SUITE_PARTS}
+    for part in ("serving_8b", "serving_1b"):
+        throughput = docs[part]["throughput"]
+        assert throughput["engine_logprobs"]["mfu"] > 0 and throughput["service_advantage"]["tflops_per_s"] > 0
+    assert throughput["grpc_teacher_advantage"]["matches_in_process"]
+    assert {r["support"] for r in docs["wire"]["wire"]} == {"topk", "indices", "sampled", "dense"}
+    assert docs["memory"]["points"] and docs["concurrency"]["points"][0]["errors"] == 0
+    assert set(docs["overhead"]["step_seconds"]) == {"in_process", "grpc_prefetch_0", "grpc_prefetch_2"}
