@@ -6,8 +6,9 @@
     bench/gpu_suite.sh --peak-tflops 989 OUT       # every GPU benchmark in one go (see docs/benchmarks.md)
 
 Each benchmark is a module here with a `main(argv) -> int` that prints JSON (stdout or --out) and
-a table (stderr); its docstring's first paragraph is its description below. Listing them reads the
-docstrings from source, so `adpa bench --help` imports neither torch nor the benchmarks.
+a table (stderr); its docstring's first paragraph is its description below. Every module of this
+package is one (a new file is runnable at once), but the helpers in NOT_BENCHMARKS. Listing them
+reads the docstrings from source, so `adpa bench --help` imports neither torch nor the benchmarks.
 """
 
 from __future__ import annotations
@@ -15,12 +16,21 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import pkgutil
 import signal
 import sys
 
-# The benchmarks, in the order `adpa bench --help` lists them; ALIASES are other names for them.
+# The order `adpa bench --help` lists benchmarks in (others follow, sorted); ALIASES are other names.
 BENCHMARKS = ("serving", "fidelity", "step_overhead", "concurrency", "memory", "prefix_sharing", "plots")
 ALIASES = {"overhead": "step_overhead", "prefix": "prefix_sharing", "plot": "plots"}
+NOT_BENCHMARKS = {"presets"}  # modules here that are helpers, not commands
+
+
+def names() -> list[str]:
+    """The benchmarks present: the modules of this package but helpers and private ones."""
+    found = {m.name for m in pkgutil.iter_modules(__path__)
+             if not m.name.startswith("_") and m.name not in NOT_BENCHMARKS}
+    return [n for n in BENCHMARKS if n in found] + sorted(found - set(BENCHMARKS))
 
 
 def description(name: str) -> str:
@@ -38,7 +48,7 @@ def usage() -> str:
 
     lines = ["usage: adpa bench NAME [--flags]   (adpa bench NAME --help for a benchmark's flags)", "",
              "benchmarks:"]
-    for name in BENCHMARKS:
+    for name in names():
         text = fill(description(name), width=100, initial_indent=" " * 18, subsequent_indent=" " * 18)
         lines.append(f"  {name:15} {text.lstrip()}")
     lines += ["", "aliases: " + ", ".join(f"{a} = {n}" for a, n in ALIASES.items()),
@@ -59,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     name = ALIASES.get(argv[0], argv[0]).replace("-", "_")
-    if name not in BENCHMARKS:
-        print(f"adpa bench: unknown benchmark {argv[0]!r}; expected one of {', '.join(BENCHMARKS)} "
+    if name not in names():
+        print(f"adpa bench: unknown benchmark {argv[0]!r}; expected one of {', '.join(names())} "
               f"(or {', '.join(ALIASES)})", file=sys.stderr)
         return 2
     module = importlib.import_module(f"{__name__}.{name}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adpa.bench import ALIASES, BENCHMARKS, description
+from adpa.bench import ALIASES, BENCHMARKS, description, names
 from adpa.bench.plots import main as plots_main
 from adpa.bench.presets import PRESETS, build_model, model_shape, scoring_flops
 from adpa.cli import main as cli_main
@@ -24,9 +24,11 @@ SUITE_PARTS = ("serving_8b", "wire", "serving_1b", "memory", "overhead", "concur
 def test_bench_help_lists_every_benchmark_with_its_description(capsys):
     assert cli_main(["bench", "--help"]) == 0
     out = capsys.readouterr().out
-    for name in BENCHMARKS:
-        assert name in out
-        assert description(name).split()[0] in out  # the first words of its docstring
+    assert set(names()) >= {"serving", "fidelity", "step_overhead", "concurrency", "prefix_sharing", "plots"}
+    assert "presets" not in names() and "__main__" not in names()  # helpers are not commands
+    for name in names():
+        assert f"  {name} " in out
+        assert " ".join(description(name).split()[:4]) in " ".join(out.split())  # its docstring's first words
     assert set(ALIASES.values()) <= set(BENCHMARKS)
 
 
