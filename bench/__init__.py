@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
               f"(or {', '.join(ALIASES)})", file=sys.stderr)
         return 2
     module = importlib.import_module(f"{__name__}.{name}")
+    if not callable(getattr(module, "main", None)):
+        print(f"adpa bench: {name} has no main(argv) (a helper? list it in NOT_BENCHMARKS)", file=sys.stderr)
+        return 2
     sys.argv[0] = f"adpa bench {name}"  # the benchmark's own --help names the command that ran it
     try:
         signal.signal(signal.SIGTERM, _terminate)
