@@ -1,11 +1,12 @@
 """Plots (PNG) for docs/ from the benchmarks' JSON: fidelity against k, memory against positions.
 
     adpa bench plots                                   # docs/fidelity.png, docs/memory.png from bench/*_last_run.json
-    adpa bench plots --fidelity f.json --memory m.json --out-dir /tmp/plots
+    adpa bench plots --fidelity f.json real.json --memory m.json --out-dir /tmp/plots
 
-fidelity.png: for each support (and each other string field of the rows, e.g. a data source),
-1 - cosine of the sparse ADPA and KL gradients to the dense ones, and the KL value's relative
-error, against k, each on a log scale with its budget (cosine >= 0.99, error <= 1%).
+fidelity.png: for each support (and each other string field of the rows; with several files,
+each file's source: 'synthetic' for Zipf rows, else the file's name), 1 - cosine of the sparse
+ADPA and KL gradients to the dense ones, and the KL value's relative error, against k, each on
+a log scale with its budget (cosine >= 0.99, error <= 1%).
 memory.png: a request's extra server memory against scored positions, one line per vocabulary
 and support, with the 1 GiB budget and, dotted, P x V x 4 bytes (what growing with positions x V
 would cost); a second panel for CUDA memory when the points have it.
@@ -38,20 +39,31 @@ def _label(row: dict) -> str:
     return " / ".join(str(v) for k, v in row.items() if isinstance(v, str))
 
 
-def plot_fidelity(doc: dict, out: Path) -> Path:
-    rows = doc.get("results") or doc.get("rows") or []
-    if not rows:
-        raise ValueError("no rows in the fidelity JSON (expected a 'results' list)")
+def source_name(path: str | Path, doc: dict) -> str:
+    """What a fidelity file measured: 'synthetic' (Zipf rows) or the file's name without _last_run."""
+    return "synthetic" if "zipf" in doc.get("config", {}) else Path(path).stem.removesuffix("_last_run")
+
+
+def plot_fidelity(sources: list[tuple[str, dict]], out: Path) -> Path:
+    """`sources`: (name, JSON) pairs; rows of several sources are told apart by the name."""
     panels = [  # (metric, how to draw it, title, budget on the drawn scale)
         ("adpa_grad_cosine", lambda v: 1 - v, "ADPA gradient: 1 - cosine to dense", 0.01),
         ("kl_grad_cosine", lambda v: 1 - v, "KL gradient: 1 - cosine to dense", 0.01),
         ("kl_rel_error", lambda v: 100 * abs(v), "KL value: |relative error| (%)", 1.0),
     ]
     lines: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        lines[_label(row)].append(row)
+    titles = []
+    for name, doc in sources:
+        rows = doc.get("results") or doc.get("rows") or []
+        if not rows:
+            raise ValueError(f"{name}: no rows in the fidelity JSON (expected a 'results' or 'rows' list)")
+        for row in rows:
+            lines[_label(row) if len(sources) == 1 else f"{name}: {_label(row)}"].append(row)
+        config = doc.get("config", {})
+        titles.append(f"{name}, V={config.get('vocab', doc.get('vocab_size', '?'))}, "
+                      f"{config.get('positions', doc.get('positions', '?'))} positions")
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), constrained_layout=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.3), constrained_layout=True)
     for ax, (metric, draw, title, budget) in zip(axes, panels):
         for label, members in lines.items():
             points = sorted((r["k"], draw(r[metric])) for r in members
@@ -62,16 +74,11 @@ def plot_fidelity(doc: dict, out: Path) -> Path:
         ax.axhline(budget, color="red", linestyle="--", linewidth=1, label="budget")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("k (support size)")
+        ax.set_xlabel("k (support size; n for sampled)")
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
-    config = doc.get("config", {})
-    # Rows named by their support alone come from one source: say which when the config shows it.
-    one_source = all(sum(isinstance(v, str) for v in r.values()) == 1 for r in rows)
-    source = "synthetic Zipf rows, " if one_source and "zipf" in config else ""
-    fig.suptitle(f"Sparse vs dense signals: {source}V={config.get('vocab', '?')}, "
-                 f"{config.get('positions', '?')} positions (lower is better)", fontsize=11)
+    fig.suptitle(f"Sparse vs dense signals (lower is better): {'; '.join(titles)}", fontsize=10)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
@@ -125,19 +132,27 @@ def plot_memory(doc: dict, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--fidelity", default="bench/fidelity_last_run.json", help="bench/fidelity.py's JSON")
+    p.add_argument("--fidelity", nargs="+",
+                   default=["bench/fidelity_last_run.json", "bench/fidelity_real_last_run.json"],
+                   help="fidelity JSON files (bench/fidelity.py, bench/fidelity_real.py), drawn together")
     p.add_argument("--memory", default="bench/memory_last_run.json", help="bench/memory.py's JSON")
     p.add_argument("--out-dir", default="docs", help="where fidelity.png and memory.png go")
     args = p.parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     drawn = 0
-    for name, path, plot in (("fidelity", args.fidelity, plot_fidelity), ("memory", args.memory, plot_memory)):
-        if not Path(path).exists():
+    for name, paths in (("fidelity", args.fidelity), ("memory", [args.memory])):
+        found = [path for path in paths if Path(path).exists()]
+        for path in set(paths) - set(found):
             print(f"{name}: {path} not found, skipped", file=sys.stderr)
+        if not found:
             continue
-        out = plot(json.loads(Path(path).read_text()), out_dir / f"{name}.png")
-        print(f"{name}: {path} -> {out}", file=sys.stderr)
+        docs = [(path, json.loads(Path(path).read_text())) for path in found]
+        if name == "fidelity":
+            out = plot_fidelity([(source_name(path, doc), doc) for path, doc in docs], out_dir / "fidelity.png")
+        else:
+            out = plot_memory(docs[0][1], out_dir / "memory.png")
+        print(f"{name}: {', '.join(found)} -> {out}", file=sys.stderr)
         drawn += 1
     return 0 if drawn else 1
 

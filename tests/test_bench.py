@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from adpa.bench import ALIASES, BENCHMARKS, description, names
-from adpa.bench.plots import main as plots_main
+from adpa.bench.plots import main as plots_main, source_name
 from adpa.bench.presets import PRESETS, build_model, model_shape, scoring_flops
 from adpa.cli import main as cli_main
 
@@ -102,12 +102,15 @@ def test_scoring_flops_match_what_torch_counts():
     assert ours["head"] == 2 * preset.hidden * preset.vocab * positions  # the scored rows only
 
 
-def _fidelity_doc() -> dict:
-    rows = [{"support": s, "source": src, "k": k, "adpa_grad_cosine": 1 - 0.1 / k, "kl_rel_error": e / k,
-             "kl_grad_cosine": 1 - 0.01 / k}
-            for s, e in (("topk", 1.0), ("sampled", -0.05)) for src in ("synthetic", "real") for k in (4, 8, 16, 32, 64)]
-    rows[0]["kl_rel_error"] = 0.0  # an exact zero on a log scale
-    return {"config": {"vocab": 1000, "positions": 16}, "results": rows}
+def _fidelity_docs() -> tuple[dict, dict]:
+    """bench/fidelity.py's shape (synthetic rows) and bench/fidelity_real.py's (a 'rows' list, sampled rows)."""
+    def rows(supports):
+        return [{"support": s, "k": k, "adpa_grad_cosine": 1 - 0.1 / k, "kl_rel_error": e / k,
+                 "kl_grad_cosine": 1 - 0.01 / k} for s, e in supports for k in (4, 8, 16, 32, 64)]
+    synthetic = {"config": {"vocab": 1000, "positions": 16, "zipf": [1.1, 2.5]}, "results": rows([("topk", 1.0)])}
+    real = {"config": {}, "vocab_size": 77, "positions": 40, "rows": rows([("topk", 0.5), ("sampled", -0.05)])}
+    real["rows"][0]["kl_rel_error"] = 0.0  # an exact zero on a log scale
+    return synthetic, real
 
 
 def _memory_doc() -> dict:
@@ -118,11 +121,15 @@ def _memory_doc() -> dict:
 
 
 def test_plots_from_json(tmp_path):
-    (tmp_path / "f.json").write_text(json.dumps(_fidelity_doc()))
+    synthetic, real = _fidelity_docs()
+    (tmp_path / "fidelity_last_run.json").write_text(json.dumps(synthetic))
+    (tmp_path / "fidelity_real_last_run.json").write_text(json.dumps(real))
     (tmp_path / "m.json").write_text(json.dumps(_memory_doc()))
     out = tmp_path / "docs"
-    argv = ["--fidelity", str(tmp_path / "f.json"), "--memory", str(tmp_path / "m.json"), "--out-dir", str(out)]
+    argv = ["--fidelity", str(tmp_path / "fidelity_last_run.json"), str(tmp_path / "fidelity_real_last_run.json"),
+            "--memory", str(tmp_path / "m.json"), "--out-dir", str(out)]
     assert plots_main(argv) == 0
+    assert [source_name(tmp_path / "x.json", d) for d in (synthetic, real)] == ["synthetic", "x"]
     for name in ("fidelity.png", "memory.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
