@@ -28,6 +28,7 @@ from typing import TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from adpa.errors import ServiceError
@@ -51,6 +52,10 @@ HTTP_STATUS = {
     "DEADLINE_EXCEEDED": 504,
 }
 INTERNAL_MESSAGE = "internal error; the server log has the details"
+# HTTP status -> error code, for refusals that come from the framework rather than the service.
+CODE_OF_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                  405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED", 422: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
+                  500: "INTERNAL", 503: "UNAVAILABLE"}
 # Routes answered without a token, whatever the configuration (Kubernetes probes send none).
 PROBES = ("/healthz", "/readyz")
 # Metric labels of the routes (others share one label: callers choose paths).
@@ -157,6 +162,13 @@ def create_app(
     app = FastAPI(title="adpa scoring service", version=frontend.service.info().server_version)
     app.add_middleware(Guard, frontend=frontend, token=token, max_body_bytes=max_body_bytes,
                        receive_timeout_s=receive_timeout_s, open_metrics=open_metrics)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (unparsable JSON, unknown route, wrong method) in the same format."""
+        code = CODE_OF_STATUS.get(exc.status_code, "UNKNOWN")
+        return JSONResponse({"error": code, "message": str(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
