@@ -9,6 +9,7 @@
 # Options:
 #   --peak-tflops X   the GPU's peak dense bf16 TFLOP/s, for MFU (without it, MFU is null; TFLOP/s still reported)
 #   --smoke           CPU run of every part with the tiny preset (checks the plumbing; no number means anything)
+#   --dry-run         print the GPU run's commands and timeouts without checking for a GPU or running them
 #   --parts LIST      comma-separated subset of: serving_8b wire serving_1b memory overhead concurrency
 #                     concurrency_ray
 #   --models DIR      checkpoint cache for the saved 1B-like pair (default: $TMPDIR/adpa-bench-models; ~6 GB)
@@ -36,11 +37,12 @@ set -euo pipefail
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 die() { echo "gpu_suite: $*" >&2; exit 2; }
 
-SMOKE=0 PEAK="" PARTS="serving_8b,wire,serving_1b,memory,overhead,concurrency,concurrency_ray" BUDGET=450
+SMOKE=0 DRY=0 PEAK="" PARTS="serving_8b,wire,serving_1b,memory,overhead,concurrency,concurrency_ray" BUDGET=450
 MODELS="${TMPDIR:-/tmp}/adpa-bench-models" OUT=""
 while (($#)); do
   case "$1" in
     --smoke) SMOKE=1 ;;
+    --dry-run) DRY=1 ;;
     --peak-tflops) PEAK="${2:?--peak-tflops needs a value}"; shift ;;
     --parts) PARTS="${2:?--parts needs a list}"; shift ;;
     --models) MODELS="${2:?--models needs a folder}"; shift ;;
@@ -110,6 +112,8 @@ HAVE_RAY=1; "$PY" -c "import importlib.util as u; exit(u.find_spec('ray') is Non
 if ((SMOKE)); then
   DEVICE=cpu DTYPE=float32 BIG=tiny HUGE=tiny WIDE=tiny THREADS=1
   echo "[suite] smoke run on the CPU: tiny presets and durations; the numbers mean nothing"
+elif ((DRY)); then
+  DEVICE=cuda DTYPE=bfloat16 BIG=1b HUGE=8b WIDE=tiny-128k THREADS=8
 else
   command -v nvidia-smi >/dev/null || die "nvidia-smi not found: no NVIDIA GPU here (for a CPU check: --smoke)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || die "nvidia-smi failed"
@@ -140,6 +144,7 @@ run_part() {  # NAME TIMEOUT_S COMMAND...
     printf '%s\tskipped\t0\tout of time\t%s\n' "$name" "$*" >>"$OUT/.parts.tsv"; FAILED=1; return 0
   fi
   (( limit <= left )) || limit=$left
+  if ((DRY)); then echo "[suite] $name (timeout ${limit}s): $*"; return 0; fi
   echo "[suite] +${now}s $name (timeout ${limit}s): $*"
   local t0 rc=0
   t0=$(date +%s)
@@ -194,6 +199,8 @@ else
     skip_part concurrency_ray "ray is not installed for $PY"
   fi
 fi
+
+if ((DRY)); then rm -f "$OUT/.parts.tsv"; exit 0; fi
 
 # suite.json: the machine, the versions, and what each part did.
 "$PY" - "$OUT" "$SMOKE" "$PEAK" "$BUDGET" "$START" "$ROOT" <<'EOF' || FAILED=1

@@ -158,6 +158,17 @@ def test_the_gpu_suite_refuses_to_run_without_a_gpu(tmp_path):
     assert bad.returncode == 2 and "unknown part serving" in bad.stderr
 
 
+def test_the_gpu_suites_dry_run_lists_the_gpu_commands(tmp_path):
+    run = _suite("--dry-run", "--peak-tflops", "989", str(tmp_path / "out"), tmp_path=tmp_path, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = {line.split()[1]: line for line in run.stdout.splitlines() if line.startswith("[suite] ")}
+    assert set(SUITE_PARTS) <= set(lines)
+    assert "--preset 8b --device cuda --dtype bfloat16 --skip-grpc" in lines["serving_8b"]
+    assert "--preset 1b" in lines["serving_1b"] and "--peak-tflops 989" in lines["serving_1b"]
+    assert all("--device cuda" in line for line in lines.values())
+    assert not (tmp_path / "out" / "suite.json").exists()
+
+
 @pytest.mark.slow
 def test_the_gpu_suite_smoke_run_on_cpu(tmp_path):
     """Every part of bench/gpu_suite.sh with the tiny preset and tiny durations: each JSON appears and
