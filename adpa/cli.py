@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -87,6 +88,8 @@ def _demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "datasets", "trl", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # TRL still calls transformers' renamed gradient-checkpointing methods: noise between the bars.
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
     import datasets
     import transformers
 
