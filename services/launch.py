@@ -36,9 +36,11 @@ class ServiceProcess:
         env: dict[str, str] | None = None,
         log_path: str | Path | None = None,
         startup_timeout_s: float = 120.0,
+        port: int | None = None,
+        http_port: int | None = None,
     ):
-        self.port = free_port()
-        self.http_port = free_port() if http else 0
+        self.port = port or free_port()  # a given port: e.g. restarting a service where its clients look
+        self.http_port = (http_port or free_port()) if http else 0
         self.args = [*args, "--port", str(self.port), "--http-port", str(self.http_port)]
         self.env = {**os.environ, **(env or {})}
         self.log_path = Path(log_path) if log_path else None
