@@ -192,7 +192,7 @@ class ScoringEngine:
                 offset += len(features)
             for c0 in range(0, offset, self.rows_per_chunk):
                 c1 = min(c0 + self.rows_per_chunk, offset)
-                logp = self._log_softmax(picked[c0:c1]).cpu()  # (c1 - c0, V)
+                logp = self._log_softmax(picked[c0:c1])  # (c1 - c0, V), on the model's device
                 for job, b, first, rows in owners:
                     lo, hi = max(first, c0), min(first + rows, c1)
                     if lo < hi:
@@ -271,20 +271,24 @@ class _Request:
         self.parts: list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = []
 
     def add(self, index: int, first: int, logp: torch.Tensor) -> None:
-        """Rows first..first + len(logp) of sequence `index`'s scored range, as fp32 log-probs."""
+        """Rows first..first + len(logp) of sequence `index`'s scored range, as fp32 log-probs.
+
+        The support is taken where `logp` is (the GPU, when the model is there): only the
+        (rows, width) answer comes back to host memory, never the (rows, V) block.
+        """
         rows = torch.arange(len(logp)) + self.offsets[index] + first
-        support = self.support
+        support, device = self.support, logp.device
         if support.kind == "topk":
             out = sparse.topk(logp, support.k)
         elif support.kind == "indices":
-            out = sparse.union_with_topk(logp, support.indices[rows], support.k)
+            out = sparse.union_with_topk(logp, support.indices[rows].to(device), support.k)
         elif support.kind == "sampled":
-            out = sparse.sample(logp, self.uniforms[rows], support.temperature)
+            out = sparse.sample(logp, self.uniforms[rows].to(device), support.temperature)
         elif support.kind == "dense":
             out = (logp,)
         else:
             raise ValueError(f"unknown support kind {support.kind!r}")
-        self.parts.append((rows, out))
+        self.parts.append((rows, tuple(t.cpu() for t in out)))
 
     def assemble(self) -> SupportValues:
         return _assemble(self.support.kind, self.num_rows, self.parts)
