@@ -28,10 +28,14 @@ demo: $(STAMP)
 proto: $(STAMP)
 	$(PROTOC) proto/adpa/v1/*.proto
 
+# The CPU benchmarks of docs/benchmarks.md (each prints JSON and a table; `adpa bench --help` lists all).
 bench: $(STAMP)
-	$(BIN)/python bench/serving.py
-	$(BIN)/python bench/fidelity.py
-	$(BIN)/python bench/step_overhead.py
+	$(BIN)/adpa bench serving
+	$(BIN)/adpa bench fidelity
+	$(BIN)/adpa bench step_overhead
+	$(BIN)/adpa bench concurrency
+	$(BIN)/adpa bench prefix_sharing
+	$(BIN)/adpa bench memory
 
 # The deployment files offline (no Docker engine needed): hadolint, the Compose schema, and
 # tests/test_deploy.py, which runs the CPU stack's commands and health checks as processes.

@@ -152,7 +152,7 @@ class ScoringEngine:
         """(B, T) ids -> (B, T, H) final hidden states."""
         return self.model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
-    def _run(self, ids: torch.Tensor, mask: torch.Tensor, *, cache=None, keep_cache: bool = False):
+    def _run(self, ids: torch.Tensor, mask: torch.Tensor | None, *, cache=None, keep_cache: bool = False):
         """(B, T) -> ((B, T, F) features, the key/value cache if `keep_cache`): hidden states, or
         logits when the head path cannot be used. `cache` continues a prefix computed before (its
         mask columns come first in `mask`); without it no cache is built at all."""
@@ -206,7 +206,9 @@ class ScoringEngine:
         for row, (job, b) in enumerate(members):
             ids[row, : len(job.sequences[b])] = job.sequences[b]
             mask[row, : len(job.sequences[b])] = 1
-        features, _ = self._run(ids.to(self.device), mask.to(self.device))  # (n, T, F)
+        # No padding, no mask: the model may then take its plain causal attention path.
+        padded = bool((mask == 0).any())
+        features, _ = self._run(ids.to(self.device), mask.to(self.device) if padded else None)  # (n, T, F)
         return [(job, b, features[row, slice(*job.ranges[b])]) for row, (job, b) in enumerate(members)]
 
     def _scored_shared(self, item: Item) -> list[tuple[Job, int, torch.Tensor]]:
