@@ -12,10 +12,12 @@
 Large batches are split into requests that fit the server's limits and answers are joined back
 (`Teacher.score`), all within one deadline (`timeout`, the handshake included). What is retried:
 
-- RESOURCE_EXHAUSTED with a `grpc-retry-pushback-ms` hint (the server is busy and says when to come
-  back): after max(hint, backoff) stretched by a random factor in [1, 2), so refused callers don't
-  come back together; as often as the deadline allows (or `max_busy_retries`), the wait growing
-  each time. These retries don't draw on the retry budget: the server is up and sets the pace.
+- RESOURCE_EXHAUSTED with a `grpc-retry-pushback-ms` hint (the server is busy and says when a slot
+  should free up): after the hint times a random factor in [1, 2), then [1, 4), [1, 8), [1, 16) for
+  later refusals of the same call (at most `max_backoff_s`, unless the hint is longer), so callers
+  refused together don't come back together; as often as the deadline allows (or
+  `max_busy_retries`). These retries don't draw on the retry budget: the server is up and sets the
+  pace.
 - UNAVAILABLE (endpoint down, draining, restarting): at once on another endpoint when one is
   available, else after a jittered exponential backoff; at most `max_retries` times per call, and
   only while the client's retry budget holds (gRPC's retry throttling: each such failure costs one
@@ -254,9 +256,10 @@ class TeacherClient(Teacher):
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback is not None:
                     if self.max_busy_retries is not None and busy_retries >= self.max_busy_retries:
                         raise
-                    # Busy, and it says when to come back: never sooner; later by a random factor.
-                    base = max(pushback, min(self.max_backoff_s, self.backoff_s * 2**busy_retries))
-                    delay = base * (1 + random.random())
+                    # Busy, and it says when a slot should free up: never sooner; later by a random
+                    # factor whose range widens with each refusal (callers refused together spread out).
+                    spread = 2 ** (min(busy_retries, 3) + 1)
+                    delay = min(pushback * (1 + (spread - 1) * random.random()), max(pushback, self.max_backoff_s))
                     busy_retries += 1
                 elif code == grpc.StatusCode.UNAVAILABLE:
                     with self._lock:
@@ -277,7 +280,9 @@ class TeacherClient(Teacher):
                 if time.monotonic() + delay >= deadline:
                     raise
                 if delay:
-                    logger.warning("%s on %s: %s; retrying in %.2fs", code.name, endpoint, err.details(), delay)
+                    # Busy is flow control (INFO); an endpoint down is worth a WARNING.
+                    level = logging.INFO if code == grpc.StatusCode.RESOURCE_EXHAUSTED else logging.WARNING
+                    logger.log(level, "%s on %s: %s; retrying in %.2fs", code.name, endpoint, err.details(), delay)
                     time.sleep(delay)
                 else:
                     logger.warning("%s on %s: %s; failing over", code.name, endpoint, err.details())
