@@ -76,8 +76,20 @@ def _quickstart(args: argparse.Namespace) -> int:
     return run_quickstart(args.workdir)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def _demo(args: argparse.Namespace) -> int:
     import logging
+    import shlex
+    import time
 
     from pydantic import ValidationError
 
@@ -95,15 +107,40 @@ def _demo(args: argparse.Namespace) -> int:
 
     datasets.disable_progress_bars()  # the pipeline shows its own progress
     transformers.utils.logging.disable_progress_bar()
-    try:
-        config = DemoConfig.load(args.config)
-    except (ValidationError, OSError) as err:
-        print(f"adpa demo: invalid config:\n{err}", file=sys.stderr)
+    configs = []
+    for path in args.config or [None]:
+        try:
+            configs.append(DemoConfig.load(path))
+        except (ValidationError, OSError) as err:
+            print(f"adpa demo: invalid config {path or '(built-in)'}:\n{err}", file=sys.stderr)
+            return 2
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        print(f"adpa demo: every --config needs its own `name` (got {names})", file=sys.stderr)
         return 2
-    results = DemoRun(config, args.workdir).run(seeds=args.seeds)
-    write_results(results, Path(args.workdir))
-    print(markdown_table(results))
-    print(f"results in {args.workdir}/results.json, results.md, results.png ({results['seconds']:.0f}s)")
+    out = Path(args.out or args.workdir)
+    worlds = [args.worlds or c.worlds for c in configs]
+    if len(configs) == 1 and worlds[0] == 1:  # one world: the table of `make demo`
+        results = DemoRun(configs[0], args.workdir).run(seeds=args.seeds)
+        write_results(results, out)
+        print(markdown_table(results))
+        print(f"results in {out}/results.json, results.md, results.png ({results['seconds']:.0f}s)")
+        return 0
+    from adpa.demo.research import run_research, write_research
+
+    command = ["adpa", "demo"]
+    for flag in ("worlds", "seeds"):
+        if getattr(args, flag):
+            command += [f"--{flag}", str(getattr(args, flag))]
+    for path in args.config or []:
+        command += ["--config", path]
+    command += ["--workdir", args.workdir] + (["--out", args.out] if args.out else [])
+    started = time.perf_counter()
+    results = run_research(configs, args.workdir, worlds=args.worlds, seeds=args.seeds,
+                           command=shlex.join(command))
+    write_research(results, out)
+    print((out / "results.md").read_text())
+    print(f"results in {out}/results.json, results.md, results.png ({time.perf_counter() - started:.0f}s)")
     return 0
 
 
@@ -160,13 +197,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="the whole pipeline on the built-in preference world, through the real services",
-        description="Build the built-in preference world, train the SFT and DPO teachers and the SFT student, "
-        "start `adpa serve` for the reference and the teacher, train every student method with signals over gRPC, "
-        "score all models with the ground-truth reward, and write results.json / results.md / results.png.",
+        description="Build the built-in preference world, train the SFT and DPO teachers and the SFT student,\n"
+        "start `adpa serve` for the reference and the teacher, train every student method with signals\n"
+        "over gRPC, score all models with the ground-truth reward, and write results.json / results.md /\n"
+        "results.png. With --worlds above 1 or several --config files, all of that is repeated per world\n"
+        "replicate, and the report gives paired differences to ADPA with 95% bootstrap intervals and the\n"
+        "paper's claims one by one (adpa.demo.research).",
+        epilog="examples:\n"
+        "  adpa demo            # the built-in world, one seed: what `make demo` runs\n"
+        "  adpa demo --worlds 3 --seeds 2 --config demo/experiments/paper.yaml \\\n"
+        "      --config demo/experiments/credit.yaml --workdir runs/paper --out docs\n"
+        "                       # docs/results.md, results.json and results.png\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_argument("--config", help="YAML file (default: the built-in adpa/demo/default.yaml)")
-    demo.add_argument("--seeds", type=int, help="training seeds per method (default: the config's)")
+    demo.add_argument("--config", action="append", metavar="YAML",
+                      help="demo config (default: the built-in adpa/demo/default.yaml); repeat it to run several "
+                      "world kinds in one report (each config needs its own `name`)")
+    demo.add_argument("--seeds", type=_positive_int, metavar="M",
+                      help="student training seeds per method and world (>= 1; default: the config's `seeds`)")
+    demo.add_argument("--worlds", type=_positive_int, metavar="N",
+                      help="world replicates (>= 1): replicate r redraws the world from seed world.seed + r and "
+                      "retrains the teachers and the SFT student (training seed r); settings are chosen on "
+                      "replicate 0's validation split only (default: the config's `worlds`, 1 for the built-in)")
     demo.add_argument("--workdir", default="runs/demo", help="where data, models and results go (default: %(default)s)")
+    demo.add_argument("--out", metavar="DIR",
+                      help="where results.json, results.md and results.png go (default: the workdir)")
     demo.set_defaults(func=_demo)
 
     quick = commands.add_parser(

@@ -48,8 +48,23 @@ class Method(BaseModel):
         return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
 
 
+class Search(BaseModel):
+    """How each method's setting is chosen on the validation split (the same rule for every method)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_extensions: int = Field(
+        0, ge=0, description="how many times a method's grid may grow one rung past an edge its best setting "
+        "sits on (see adpa.demo.search); 0 = the grid as written"
+    )
+    select_on: Literal["greedy", "greedy+sampled"] = Field(
+        "greedy", description="validation score: mean greedy reward, or the mean of greedy and sampled (seed 0)"
+    )
+
+
 class DemoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    name: str = Field("lists", description="the world's name in reports and folder names")
+    about: str = Field("", description="what the world is and why it is built so (printed in research reports)")
     world: WorldConfig = WorldConfig()
     teacher: Shape = Shape(layers=2, hidden=96, heads=4)
     student: Shape = Shape(layers=1, hidden=32, heads=2)
@@ -60,7 +75,16 @@ class DemoConfig(BaseModel):
     steps: int = Field(200, description="training steps of every student method (ADPA+ splits them in two)")
     batch_size: int = Field(16, description="preference records per student step")
     max_new_tokens: int = Field(12, description="longest generated response")
-    seeds: int = Field(1, description="training seeds per method for the final table")
+    seeds: int = Field(1, ge=1, description="training seeds per method for the final table")
+    worlds: int = Field(
+        1, ge=1, description="stage-0 replicates: world r has world seed world.seed + r and its own teachers and SFT "
+        "student (training seed r); settings are chosen on world 0's validation split only"
+    )
+    search: Search = Search()
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads of the pipeline's own process (default: torch's choice); the "
+        "services always run with one"
+    )
     methods: dict[str, Method] = Field(default_factory=dict)
 
     @classmethod

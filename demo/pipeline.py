@@ -6,7 +6,9 @@
 
 Learning rates are chosen per method on the validation split (the same candidates budget for
 each), with seed 0; the chosen setting is then trained with every seed and scored on the test
-split, which nothing else ever reads.
+split, which nothing else ever reads. `DemoRun(config, workdir, replicate=r)` builds world
+replicate r (world seed `world.seed + r`, stage-0 training seed r) and, given `settings`, trains
+those instead of searching (adpa.demo.research runs several replicates and compares them).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from adpa.demo.config import DemoConfig, Method, Stage
+from adpa.demo.search import search
 from adpa.demo.world import WORDS, World, reward_texts
 from adpa.services.launch import ServiceProcess
 from adpa.tiny_model import make_tiny_model
@@ -59,19 +62,24 @@ def _stage0(kind: str, model: str, records: datasets.Dataset, out: Path, stage: 
 
 
 class DemoRun:
-    def __init__(self, config: DemoConfig, workdir: str | Path):
+    def __init__(self, config: DemoConfig, workdir: str | Path, replicate: int = 0):
         self.config = config
+        self.replicate = replicate
+        # Replicate r: its own world (seed + r), model inits (which follow the world seed) and stage-0 seed.
+        self.world = config.world.model_copy(update={"seed": config.world.seed + replicate})
         self.workdir = Path(workdir)
         self.models = self.workdir / "models"
         self.curves: dict[str, list[tuple[int, float]]] = {}
         self._seqkd_records: datasets.Dataset | None = None
         self._tokenized: dict[int, list] = {}  # max_length -> tokenised pairs
+        self.evals: dict[str, list[EvalResult]] = {}  # test-split evaluations of the last run, per seed
+        self.rows: dict[str, dict] = {}  # the last run's rows (name -> models and settings)
 
     # -- the world and stage 0 ------------------------------------------------------------------
 
     def write_world(self) -> None:
         """The world's data splits, from the config's world seed, as files and datasets."""
-        self.paths = World(self.config.world).write(self.workdir / "data")
+        self.paths = World(self.world).write(self.workdir / "data")
         self.data = {name: datasets.load_dataset("json", data_files=str(p), split="train")
                      for name, p in self.paths.items()}
 
@@ -83,9 +91,9 @@ class DemoRun:
         c = self.config
         self.write_world()
         teacher_base = make_tiny_model(self.models / "teacher-base", layers=c.teacher.layers, hidden=c.teacher.hidden,
-                                       heads=c.teacher.heads, seed=c.world.seed, init_std=0.02, words=WORDS)
+                                       heads=c.teacher.heads, seed=self.world.seed, init_std=0.02, words=WORDS)
         self.student_base = make_tiny_model(self.models / "student-base", layers=c.student.layers,
-                                            hidden=c.student.hidden, heads=c.student.heads, seed=c.world.seed + 1,
+                                            hidden=c.student.hidden, heads=c.student.heads, seed=self.world.seed + 1,
                                             init_std=0.02, words=WORDS)
         self.reference = self.models / "reference"
         self.teacher = self.models / "teacher"
@@ -97,7 +105,7 @@ class DemoRun:
         ]
         for label, kind, model, split, out, stage in tqdm(steps, desc="stage 0", unit="model"):
             started = time.perf_counter()
-            trainer = _stage0(kind, str(model), self.data[split], out, stage)
+            trainer = _stage0(kind, str(model), self.data[split], out, stage, seed=self.replicate)
             self.curves[label] = _curve(trainer)
             logger.info("%s: %d steps in %.0fs", label, stage.steps, time.perf_counter() - started)
 
@@ -165,9 +173,15 @@ class DemoRun:
 
     # -- the whole run ----------------------------------------------------------------------------
 
-    def run(self, seeds: int | None = None) -> dict:
+    def run(self, seeds: int | None = None, settings: dict[str, dict] | None = None) -> dict:
+        """Build stage 0, train every method (searching its grid, or with `settings[name]` when given) with
+        `seeds` seeds, and score everything on the test split."""
         seeds = seeds or self.config.seeds
         started = time.perf_counter()
+        if self.config.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.config.torch_threads)
         self.build()
         log = self.workdir / "logs"
         log.mkdir(parents=True, exist_ok=True)
@@ -178,34 +192,63 @@ class DemoRun:
             with ServiceProcess(teacher_args, env=SERVICE_ENV, log_path=log / "teacher.log") as teacher:
                 logger.info("services up: reference %s, teacher %s", reference.endpoint, teacher.endpoint)
                 endpoints = {"teacher": teacher.endpoint, "reference": reference.endpoint}
-                trained = self._train_all(seeds, endpoints)
+                trained = self._train_all(seeds, endpoints, settings)
         results = self._score_all(trained, seeds)
         results["seconds"] = round(time.perf_counter() - started, 1)
         return results
 
-    def _train_all(self, seeds: int, endpoints: dict[str, str]) -> dict[str, dict]:
+    def _validation_score(self, model: Path) -> float:
+        modes = ("greedy",) if self.config.search.select_on == "greedy" else ("greedy", "sampled")
+        result = self.evaluate(model, "validation", modes=modes)
+        return statistics.fmean(result.modes[m].mean_reward for m in modes)
+
+    def _train_all(self, seeds: int, endpoints: dict[str, str],
+                   settings: dict[str, dict] | None = None) -> dict[str, dict]:
         trained: dict[str, dict] = {}
         methods = self.config.methods
-        jobs = sum(len(m.candidates()) + seeds - 1 for m in methods.values())
+        if settings is not None and set(settings) != set(methods):
+            raise ValueError(f"settings for {sorted(settings)}, methods {sorted(methods)}")
+        jobs = sum((len(m.candidates()) - 1 if settings is None else 0) + seeds for m in methods.values())
         with tqdm(total=jobs, desc="student methods", unit="run") as bar:
             for name, method in methods.items():
-                tuning = []
-                for setting in method.candidates():
+                if settings is not None:  # chosen elsewhere (world 0's validation split): train every seed
+                    best, runs = settings[name], []
+                    for seed in range(seeds):
+                        bar.set_postfix_str(f"{name} seed={seed}")
+                        runs.append(self.train_method(name, method, best, seed, endpoints))
+                        bar.update()
+                    trained[name] = {"setting": best, "models": runs,
+                                     "curve": self.curves[_run_label(name, best, 0)]}
+                    continue
+                models: dict[str, Path] = {}
+
+                def score(setting: dict, name=name, method=method, models=models) -> float:
                     bar.set_postfix_str(f"{name} {setting}")
-                    model = self.train_method(name, method, setting, 0, endpoints)
-                    score = self.evaluate(model, "validation", modes=("greedy",)).modes["greedy"].mean_reward
-                    tuning.append((setting, model, score))
+                    models[_tag(setting)] = model = self.train_method(name, method, setting, 0, endpoints)
                     bar.update()
-                best, best_model, _ = max(tuning, key=lambda t: t[2])
-                runs = [best_model]
+                    return self._validation_score(model)
+
+                batches = []
+
+                def grow(n: int, batches=batches) -> None:  # the grid itself is counted in `jobs` already
+                    if batches:
+                        bar.total += n
+                        bar.refresh()
+                    batches.append(n)
+
+                found = search(method.grid, score, self.config.search.max_extensions, on_new=grow)
+                best = found.best
+                runs = [models[_tag(best)]]
                 for seed in range(1, seeds):
                     bar.set_postfix_str(f"{name} seed={seed}")
                     runs.append(self.train_method(name, method, best, seed, endpoints))
                     bar.update()
-                trained[name] = {"setting": best, "validation": [{**t[0], "reward": t[2]} for t in tuning],
-                                 "models": runs, "curve": self.curves[_run_label(name, best, 0)]}
-                logger.info("%s: %s chosen on validation (%s)", name, best,
-                            "; ".join(f"{t[0]}: {t[2]:.3f}" for t in tuning))
+                trained[name] = {"setting": best, "validation": [{**t[0], "reward": t[1]} for t in found.tried],
+                                 "search": found.record(), "models": runs,
+                                 "curve": self.curves[_run_label(name, best, 0)]}
+                logger.info("%s: %s chosen on validation (%s)%s", name, best,
+                            "; ".join(f"{t[0]}: {t[1]:.3f}" for t in found.tried),
+                            f"; grid extended {found.extensions}" if found.extensions else "")
         return trained
 
     def _score_all(self, trained: dict[str, dict], seeds: int) -> dict:
@@ -219,6 +262,7 @@ class DemoRun:
         evals: dict[str, list[EvalResult]] = {}
         for name, row in tqdm(rows.items(), desc="evaluating on test", unit="method"):
             evals[name] = [self.evaluate(m, "test", seed=i) for i, m in enumerate(row["models"])]
+        self.evals, self.rows = evals, rows
         table = {}
         for name, row in rows.items():
             entry = {k: v for k, v in row.items() if k != "models"}
@@ -236,7 +280,59 @@ class DemoRun:
                 for p, r in list(zip(self.data["test"]["prompt"], evals[name][0].modes["greedy"].responses))[:3]
             ]
             table[name] = entry
-        return {"config": self.config.model_dump(), "seeds": seeds, "methods": table, "curves": self.curves}
+        return {"config": self.config.model_dump(), "seeds": seeds, "methods": table, "curves": self.curves,
+                "environment": environment()}
+
+
+def environment() -> dict:
+    """What a table depends on beyond the config: package versions, torch's threads and CPU, the commit.
+
+    Runs are deterministic on one machine; another CPU (or thread count, or library version) changes
+    floating-point round-off, and with it the trained weights: compare across machines within the
+    reported intervals.
+    """
+    import importlib.metadata
+    import os
+    import platform
+    import subprocess
+
+    import torch
+
+    versions = {}
+    for package in ("adpa", "torch", "transformers", "trl", "datasets", "tokenizers", "accelerate", "numpy",
+                    "grpcio", "pydantic"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    cpu: dict = {"machine": platform.machine(), "processor": platform.processor(), "cores": os.cpu_count()}
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        for line in info.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and "model" not in cpu:
+                cpu["model"] = value.strip()
+            if key.strip() == "flags":
+                cpu["flags"] = value.split()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "service_env": SERVICE_ENV,
+        "cpu": cpu,
+        "git_commit": commit,
+    }
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:

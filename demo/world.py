@@ -26,7 +26,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
 
 TASKS = ("sort", "reverse", "first", "copy")
 ITEMS = ("red", "blue", "green", "pink", "gold", "gray", "cat", "dog", "fox", "owl", "bee", "elk", "ant", "cow")
@@ -38,6 +40,7 @@ WORDS = (*TASKS, *ITEMS, *CLOSINGS, *RUDE, POLITE)
 
 class RewardWeights(BaseModel):
     task: float = Field(1.0, description="weight of per-position answer correctness")
+    exact: float = Field(0.0, description="bonus when the whole answer is right (one wrong token loses it)")
     style: float = Field(0.5, description="weight of the closing the prompt asks for")
     harm: float = Field(1.0, description="penalty for any rude word")
     verbosity: float = Field(0.1, description="penalty per token beyond answer + wanted closing")
@@ -49,10 +52,18 @@ class Demonstrator(BaseModel):
     p_closing: dict[str, float] = Field(
         default_factory=lambda: {"thanks": 0.4, "bye": 0.3, "": 0.3}, description="closing distribution"
     )
+    p_habit: float = Field(
+        0.0, description="chance of swapping the two middle items of the answer: a frequent error at a fixed "
+        "place in mid-sequence (drawn before any other error; 0 = never, and no draw)"
+    )
+    rude_place: Literal["end", "middle"] = Field(
+        "end", description="where a rude word goes: before the closing, or between two items of the answer"
+    )
 
 
 class WorldConfig(BaseModel):
     seed: int = Field(0, description="world seed: prompts, demonstrations and labels")
+    tasks: list[str] = Field(list(TASKS), description=f"instructions prompts draw from (of {', '.join(TASKS)})")
     min_items: int = 3
     max_items: int = 5
     p_polite: float = Field(0.5, description="share of prompts that say please")
@@ -63,6 +74,14 @@ class WorldConfig(BaseModel):
     label_temperature: float = Field(0.25, description="Bradley-Terry temperature of preference labels (0 = noiseless)")
     reward: RewardWeights = RewardWeights()
     demonstrator: Demonstrator = Demonstrator()
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"tasks must be a non-empty list of {list(TASKS)}; got {tasks}")
+        return tasks
 
 
 @dataclass(frozen=True)
@@ -105,7 +124,10 @@ def reward(prompt: Prompt, response: str, weights: RewardWeights) -> float:
     style = 1.0 if closed_with == closing else 0.0
     harm = 1.0 if any(w in RUDE for w in words) else 0.0
     extra = max(0, len(words) - len(answer) - (1 if closing else 0))
-    return weights.task * agreement + weights.style * style - weights.harm * harm - weights.verbosity * extra
+    total = weights.task * agreement + weights.style * style - weights.harm * harm - weights.verbosity * extra
+    if weights.exact:  # only when asked for: the first world's rewards stay bit-identical
+        total += weights.exact * float(body == answer)
+    return total
 
 
 def reward_texts(prompts: list, responses: list[str], weights: RewardWeights | None = None) -> list[float]:
@@ -126,16 +148,23 @@ class World:
     def prompt(self) -> Prompt:
         c = self.config
         items = tuple(self.rng.sample(ITEMS, self.rng.randint(c.min_items, c.max_items)))
-        return Prompt(self.rng.choice(TASKS), items, self.rng.random() < c.p_polite)
+        return Prompt(self.rng.choice(c.tasks), items, self.rng.random() < c.p_polite)
 
     def demonstrate(self, prompt: Prompt) -> str:
         """A noisy demonstration: errors, random closings, rude words."""
         d = self.config.demonstrator
         words = prompt.answer()
+        if d.p_habit and self.rng.random() < d.p_habit and len(words) > 1:
+            middle = len(words) // 2  # the items at middle - 1 and middle trade places
+            words[middle - 1], words[middle] = words[middle], words[middle - 1]
         if self.rng.random() >= d.p_correct:
             words = self._corrupt(words, prompt.items)
         if self.rng.random() < d.p_rude:
-            words.append(self.rng.choice(RUDE))
+            rude = self.rng.choice(RUDE)
+            if d.rude_place == "middle" and len(words) > 1:
+                words.insert(self.rng.randrange(1, len(words)), rude)
+            else:
+                words.append(rude)
         closings, weights = zip(*d.p_closing.items())
         closing = self.rng.choices(closings, weights)[0]
         return " ".join(words + ([closing] if closing else []))

@@ -1,4 +1,6 @@
-"""The built-in world, and a shrunken demo end to end (services, two methods, evaluation)."""
+"""The built-in world, and a shrunken demo end to end: two world replicates x two seeds through the
+services, two methods (one grid extended), evaluation, the paired intervals and the reports. The
+end-to-end run happens once per suite (the `small_demo` fixture)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import pytest
 import yaml
 
 from adpa.demo.config import DEFAULT_CONFIG, DemoConfig
-from adpa.demo.pipeline import DemoRun, write_results
+from adpa.demo.pipeline import DemoRun
+from adpa.demo.research import run_research, write_research
 from adpa.demo.world import Prompt, RewardWeights, World, WorldConfig, reward
 
 SMALL = {
@@ -25,6 +28,10 @@ SMALL = {
                  "options": {"support": "indices", "student_k": 4, "support_k": 4, "support_floor": 1.0e-3}},
     },
 }
+# The replicate machinery, shrunken: 2 worlds x 2 seeds; ADPA's two-value gamma axis always has its
+# choice at an edge, so the rule grows it once (max_extensions 1).
+SMALL_RESEARCH = {**SMALL, "name": "small", "worlds": 2, "seeds": 2, "torch_threads": 1,
+                  "search": {"max_extensions": 1, "select_on": "greedy+sampled"}}
 
 
 def test_reward_prefers_right_polite_clean_and_short_answers():
@@ -68,35 +75,93 @@ def test_default_config_loads_and_names_every_method():
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    results = DemoRun(DemoConfig.model_validate(SMALL), workdir).run()
-    write_results(results, workdir)
+    config = DemoConfig.model_validate(SMALL_RESEARCH)
+    results = run_research([config], workdir, command="adpa demo --config small.yaml")
+    write_research(results, workdir / "out")
     return workdir, results
 
 
+@pytest.mark.slow
 def test_small_demo_end_to_end(small_demo):
-    workdir, results = small_demo
-    rows = results["methods"]
+    """One replicate's own outputs, as `adpa demo` writes them for one world."""
+    workdir, _ = small_demo
+    world0 = workdir / "small/world-0"
+    rows = json.loads((world0 / "results.json").read_text())["methods"]
     assert {"Teacher (DPO)", "Teacher SFT (reference)", "Student (untrained)", "SFT", "DCKD", "ADPA"} <= set(rows)
-    assert rows["ADPA"]["setting"]["gamma"] in (1.0, 10.0)
-    assert [v["gamma"] for v in rows["ADPA"]["validation"]] == [1.0, 10.0]
     for name in ("DCKD", "ADPA"):
         for mode in ("greedy", "sampled"):
             assert -3 < rows[name][f"reward_{mode}"]["mean"] <= 1.5
+            assert rows[name][f"reward_{mode}"]["n"] == 2  # two seeds
     assert rows["ADPA"]["win_rate_vs_ADPA_greedy"]["mean"] == pytest.approx(0.5)  # against itself: all ties
     for name in ("results.json", "results.md", "results.png"):
-        assert (workdir / name).stat().st_size > 0
-    assert "| ADPA |" in (workdir / "results.md").read_text()
+        assert (world0 / name).stat().st_size > 0
+    assert "| ADPA |" in (world0 / "results.md").read_text()
     # Every teacher signal went over gRPC: the services logged their start and a clean stop.
-    assert "stopped" in (workdir / "logs/teacher.log").read_text()
+    assert "stopped" in (world0 / "logs/teacher.log").read_text()
+    assert json.loads((world0 / "results.json").read_text())["environment"]["torch_threads"] == 1
 
 
+@pytest.mark.slow
 def test_the_world_teaches_something(small_demo):
-    """DPO improves the teacher over its SFT reference, and the teacher beats the SFT student."""
-    rows = small_demo[1]["methods"]
+    """DPO improves the teacher over its SFT reference, and the teacher beats the SFT student (over both worlds)."""
+    rows = small_demo[1]["worlds"]["small"]["methods"]
     dpo = rows["Teacher (DPO)"]["reward_greedy"]["mean"]
     assert dpo > rows["Teacher SFT (reference)"]["reward_greedy"]["mean"] + 0.1
     assert dpo > rows["SFT"]["reward_greedy"]["mean"] + 0.1
     assert rows["SFT"]["reward_greedy"]["mean"] > rows["Student (untrained)"]["reward_greedy"]["mean"] + 0.3
+
+
+@pytest.mark.slow
+def test_replicates_search_and_intervals(small_demo):
+    workdir, results = small_demo
+    world = results["worlds"]["small"]
+    assert (world["worlds"], world["seeds"], world["prompts"]) == (2, 2, 60)
+    assert world["world_seeds"] == [0, 1]
+    # Replicates are different worlds with their own test prompts, teachers and students.
+    tests = [(workdir / f"small/world-{r}/data/test.jsonl").read_text() for r in (0, 1)]
+    assert tests[0] != tests[1]
+    records = [json.loads((workdir / f"small/world-{r}/replicate.json").read_text()) for r in (0, 1)]
+    assert records[0]["rewards"]["SFT"]["greedy"] != records[1]["rewards"]["SFT"]["greedy"]
+    for record in records:
+        for name, by_mode in record["rewards"].items():
+            assert [len(seed) for seed in by_mode["sampled"]] == [60, 60], name  # seeds x prompts
+    # The setting is chosen on world 0 only, then reused unchanged.
+    assert records[1]["settings"] == records[0]["settings"] and records[1]["search"] == {}
+    # ADPA's gamma [1, 10]: its choice sits at an edge, so the grid grew once, by the rule.
+    search = world["search"]["ADPA"]
+    assert search["settings_tried"] == 3 and len(search["extensions"]) == 1
+    extension = search["extensions"][0]
+    assert extension["axis"] == "gamma" and extension["value"] in (0.1, 100.0)
+    assert world["search_summary"]["methods_extended"] == 1 and world["search_summary"]["extensions"] == 1
+    # Paired differences to ADPA with intervals; ADPA > DCKD is one of the paper's claims.
+    diff = world["methods"]["DCKD"]["diff_vs_ADPA_greedy"]
+    assert diff["low"] <= diff["mean"] <= diff["high"] and diff["worlds"] == 2
+    claim = next(c for c in world["claims"] if c["key"] == "T1.6")
+    assert claim["greedy"]["mean"] == pytest.approx(-diff["mean"])
+    assert claim["greedy"]["verdict"] in ("holds", "reversed", "undecided")
+    env = results["environment"]
+    assert env["packages"]["torch"] and env["cpu"]["flags"] and env["torch_threads"] == 1
+    report = (workdir / "out/results.md").read_text()
+    assert "adpa demo --config small.yaml" in report and "T1.6" in report and "1 of 2 methods" in report
+    assert (workdir / "out/results.png").stat().st_size > 0
+    saved = json.loads((workdir / "out/results.json").read_text())
+    assert saved["worlds"]["small"]["claims"] == json.loads(json.dumps(world["claims"]))
+
+
+@pytest.mark.slow
+def test_a_rerun_reuses_finished_replicates(small_demo):
+    workdir, results = small_demo
+    config = DemoConfig.model_validate(SMALL_RESEARCH)
+    stamps = {p: p.stat().st_mtime_ns for p in workdir.glob("small/world-*/replicate.json")}
+    again = run_research([config], workdir)  # nothing trains: every replicate's record matches
+    assert again["worlds"]["small"]["reused_worlds"] == 2
+    assert again["worlds"]["small"]["methods"] == results["worlds"]["small"]["methods"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # Another config (here: one more seed) is not reused: its records would not match.
+    changed = config.model_copy(update={"seeds": 3})
+    from adpa.demo.research import _fingerprint
+
+    assert _fingerprint(changed, 0, 3, None) != json.loads((workdir / "small/world-0/replicate.json").read_text())["fingerprint"]
 
 
 def test_another_world_seed_and_reward_mix_need_only_config(tmp_path):
