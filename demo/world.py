@@ -16,6 +16,13 @@ A noisy demonstrator writes the SFT data: wrong answers part of the time (two it
 one dropped, one repeated: errors in mid-sequence), closings at random, rude words often. SFT
 imitates all of that; preference pairs, labelled by Bradley-Terry on the reward difference,
 say which behaviours to drop. Everything is drawn from `random.Random(seed)`.
+
+Options (all off in the first world, whose data they leave bit-identical) build other worlds from
+the same parts: `tasks` (e.g. without the one-word `first`), `demonstrator.p_habit` and `habit` (a
+frequent error at a fixed place in mid-sequence: the item before the middle written twice, or the
+two middle items swapped), `demonstrator.rude_place` (the rude word between two items), and
+`reward.exact` (a bonus for an exactly right answer, so one wrong token decides). The second built-in
+world, `demo/experiments/credit.yaml`, uses them; its `about` says why.
 """
 
 from __future__ import annotations
@@ -53,8 +60,12 @@ class Demonstrator(BaseModel):
         default_factory=lambda: {"thanks": 0.4, "bye": 0.3, "": 0.3}, description="closing distribution"
     )
     p_habit: float = Field(
-        0.0, description="chance of swapping the two middle items of the answer: a frequent error at a fixed "
-        "place in mid-sequence (drawn before any other error; 0 = never, and no draw)"
+        0.0, description="chance of the habit below: a frequent error at a fixed place in mid-sequence (drawn "
+        "before any other error; 0 = never, and no draw)"
+    )
+    habit: Literal["repeat", "swap"] = Field(
+        "repeat", description="repeat: the item before the middle of the answer is written twice; swap: the two "
+        "middle items trade places"
     )
     rude_place: Literal["end", "middle"] = Field(
         "end", description="where a rude word goes: before the closing, or between two items of the answer"
@@ -155,8 +166,11 @@ class World:
         d = self.config.demonstrator
         words = prompt.answer()
         if d.p_habit and self.rng.random() < d.p_habit and len(words) > 1:
-            middle = len(words) // 2  # the items at middle - 1 and middle trade places
-            words[middle - 1], words[middle] = words[middle], words[middle - 1]
+            middle = len(words) // 2
+            if d.habit == "swap":  # the items at middle - 1 and middle trade places
+                words[middle - 1], words[middle] = words[middle], words[middle - 1]
+            else:  # the item at middle - 1 again: every later position is off by one
+                words.insert(middle, words[middle - 1])
         if self.rng.random() >= d.p_correct:
             words = self._corrupt(words, prompt.items)
         if self.rng.random() < d.p_rude:

@@ -174,21 +174,20 @@ def test_the_credit_world_has_its_mid_sequence_habit():
     world = World(config)
     prompts = [world.prompt() for _ in range(400)]
     assert {p.task for p in prompts} == {"sort", "reverse", "copy"}
-    assert all(5 <= len(p.items) <= 7 for p in prompts)
-    swapped = rude_inside = 0
+    assert all(4 <= len(p.items) <= 6 for p in prompts)
+    repeated = 0
     for p in prompts:
-        words = world.demonstrate(p).split()
         answer, middle = p.answer(), len(p.answer()) // 2
-        body = [w for w in words if w not in ("thanks", "bye", "stupid", "ugly")]
-        swapped += body[middle - 1:middle + 1] == [answer[middle], answer[middle - 1]]
-        rude = [i for i, w in enumerate(words) if w in ("stupid", "ugly")]
-        rude_inside += bool(rude) and 0 < rude[0] < len(body)
-    assert 0.65 < swapped / len(prompts) < 0.9  # p_habit 0.8, less what later random errors undo
-    assert rude_inside > 0.3 * len(prompts)
-    # One wrong pair of tokens loses the exact-answer bonus: the swap costs 1 + 2/n.
+        body = [w for w in world.demonstrate(p).split() if w not in ("thanks", "bye", "stupid", "ugly")]
+        repeated += body[middle - 1:middle + 1] == [answer[middle - 1]] * 2
+    assert 0.7 < repeated / len(prompts) < 0.9  # p_habit 0.8, less what later random errors undo
+    # The repeat shifts every later item and loses the exact-answer bonus: it costs 1 + 3/5 + 0.1 here.
     p = Prompt("copy", ("red", "blue", "cat", "dog", "fox"), polite=False)
     assert reward(p, "red blue cat dog fox", config.reward) == pytest.approx(2.5)
-    assert reward(p, "red cat blue dog fox", config.reward) == pytest.approx(1.5 + 3 / 5 - 1.0)
+    assert reward(p, "red blue blue cat dog fox", config.reward) == pytest.approx(2.5 - 1.0 - 3 / 5 - 0.1)
+    swap = World(config.model_copy(update={"demonstrator": config.demonstrator.model_copy(
+        update={"habit": "swap", "p_habit": 1.0, "p_correct": 1.0, "p_rude": 0.0, "p_closing": {"": 1.0}})}))
+    assert swap.demonstrate(Prompt("copy", ("red", "blue", "cat", "dog"), False)) == "red cat blue dog"
 
 
 # -- the command line ---------------------------------------------------------------------------
