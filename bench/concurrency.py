@@ -20,7 +20,6 @@ JSON goes to stdout (or --out), a table to stderr. Time nothing else on the mach
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import statistics
@@ -36,6 +35,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers.utils import logging as hf_logging
 
+from adpa.bench.report import emit
 from adpa.client import TeacherClient
 from adpa.protocol import SupportSpec
 from adpa.services.launch import ServiceProcess, free_port
@@ -283,12 +283,7 @@ def main(argv=None) -> int:
     doc = {"config": vars(args), "vocab_size": vocab, "cpus": os.cpu_count(), "torch": torch.__version__,
            "points": points, "summary": summarize(points)}
     print_table(doc)
-    text = json.dumps(doc, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    else:
-        print(text)
-    return 0
+    return emit(doc, args.out)
 
 
 if __name__ == "__main__":

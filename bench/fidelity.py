@@ -17,12 +17,12 @@ Prints JSON (stdout or --out) and a table (stderr).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
 from adpa import sparse
+from adpa.bench.report import emit
 from adpa.training import losses
 
 
@@ -97,12 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the JSON here instead of stdout")
     args = parser.parse_args(argv)
     result = measure(args)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
-    else:
-        print(text)
+    emit(result, args.out)
     print(f"synthetic Zipf rows (exponent {args.zipf[0]}-{args.zipf[1]}), V={args.vocab}, {args.positions} positions, "
           f"student noise {args.student_noise}, reference noise {args.reference_noise}", file=sys.stderr)
     print(f"{'support':<8} {'k':>4} {'width':>6} {'ADPA grad cos':>14} {'KL rel err':>11} {'KL grad cos':>12} "

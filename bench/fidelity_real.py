@@ -21,7 +21,6 @@ vocabulary is small, so a support of V tokens or more is the dense one. JSON on 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from adpa import sparse
+from adpa.bench.report import emit
 from adpa.protocol import SupportSpec
 from adpa.services.engine import ScoringEngine
 from adpa.training import losses
@@ -64,7 +64,7 @@ def gradient(logits: torch.Tensor, fn) -> tuple[float, torch.Tensor]:
     z = logits.clone().requires_grad_(True)
     value = fn(z)
     value.backward()
-    return float(value), z.grad
+    return float(value.detach()), z.grad
 
 
 def world(args) -> Path:
@@ -155,12 +155,7 @@ def main(argv=None) -> int:
         err(f"{r['support']:8} {r['k']:4d} {r['width']:5d} {r['adpa_grad_cosine']:13.4f} "
             f"{100 * r['kl_rel_error']:9.2f}% {bias} {r['kl_grad_cosine']:11.4f} {mass}")
     err("sampled: mean over repeats of |relative error| (KL rel err), of the signed error (KL bias) and of the cosines")
-    text = json.dumps(doc, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    else:
-        print(text)
-    return 0
+    return emit(doc, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
+
+from adpa.bench.report import emit
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -162,12 +163,7 @@ def main(argv=None) -> int:
     if budget is not None:
         err(f"budget: extra <= 1024 MiB at P=8192, V={budget['vocab']}, top-k: "
             f"{budget['extra_bytes'] / MIB:.0f} MiB, {'met' if doc['budget']['met'] else 'NOT met'}")
-    text = json.dumps(doc, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    else:
-        print(text)
-    return 0
+    return emit(doc, args.out)
 
 
 if __name__ == "__main__":

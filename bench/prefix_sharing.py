@@ -14,7 +14,6 @@ thread. JSON on stdout (or --out), a table on stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from adpa.bench.report import emit
 from adpa.protocol import SupportSpec
 from adpa.services.engine import ScoringEngine
 from adpa.services.prefix import shared_prefix_groups
@@ -103,12 +103,7 @@ def main(argv=None) -> int:
         err(f"{r['ratio']:>5} {r['tokens_forwarded_plain']:12d} {r['tokens_forwarded_shared']:13d} "
             f"{r['us_per_position_plain']:12.1f} {r['us_per_position_shared']:13.1f} {r['speedup']:8.2f} "
             f"{r['max_abs_logprob_diff']:10.2e}")
-    text = json.dumps(doc, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    else:
-        print(text)
-    return 0
+    return emit(doc, args.out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ readable table to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from adpa.bench.report import emit
 from adpa import codec
 from adpa.bench.presets import FLOPS_FORMULA, PRESETS, build_model, model_shape, saved_model, scoring_flops
 from adpa.client import TeacherClient
@@ -372,12 +372,7 @@ def main(argv=None) -> int:
                 if isinstance(r, dict):
                     add_flops(r, per_model["total"] * (2 if "advantage" in name else 1), args.peak_tflops)
     print_table(doc)
-    text = json.dumps(doc, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    else:
-        print(text)
-    return 0
+    return emit(doc, args.out)
 
 
 if __name__ == "__main__":

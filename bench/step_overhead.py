@@ -19,7 +19,6 @@ puts the trainer, the in-process teacher and the service on that device.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import datasets
 import torch
 import transformers
 
+from adpa.bench.report import emit
 from adpa.bench.presets import PRESETS, saved_model
 from adpa.demo.world import WORDS, World, WorldConfig
 from adpa.services.launch import ServiceProcess
@@ -116,11 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"config": vars(args), "step_seconds": results, "runs": runs,
               "ratio_to_in_process": {k: v / results["in_process"] for k, v in results.items()}}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    else:
-        print(text)
+    emit(report, args.out)
     shape = f"preset {args.teacher_preset}" if args.teacher_preset else f"{tl}x{th}"
     where = f" on {args.device}" if args.device else ""
     print(f"{args.method}, median of {args.repeats}, {args.steps} steps of {args.batch_size} records, teacher+reference {shape}, "
