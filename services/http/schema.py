@@ -6,7 +6,6 @@ cannot drift apart: each model has a `to_record` or `from_record`, and nothing e
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Annotated
@@ -92,49 +91,20 @@ class ScoreRequestJSON(_Strict):
         )
 
 
-class FingerprintJSON(_Strict):
-    model_name: str
-    model_hash: str
-    tokenizer_hash: str
-    vocab_size: int
-    dtype: str
-    max_seq_len: int
-
-    @classmethod
-    def from_record(cls, fp: ModelFingerprint | None) -> FingerprintJSON | None:
-        return None if fp is None else cls(**dataclasses.asdict(fp))
-
-
-class LimitsJSON(_Strict):
-    max_k: int
-    max_samples: int
-    max_indices: int
-    max_positions: int
-    max_dense_positions: int
-    max_message_bytes: int
-
-    @classmethod
-    def from_record(cls, limits: Limits) -> LimitsJSON:
-        return cls(**dataclasses.asdict(limits))
-
-
 class ModelInfoJSON(_Strict):
     """The handshake: fingerprints, beta and limits (`ModelInfo`)."""
 
     role: Role
-    model: FingerprintJSON
-    reference: FingerprintJSON | None
+    model: ModelFingerprint  # the records themselves (dataclasses): one definition of their fields
+    reference: ModelFingerprint | None
     beta: float
     server_version: str
-    limits: LimitsJSON
+    limits: Limits
 
     @classmethod
     def from_record(cls, info: ModelInfo) -> ModelInfoJSON:
-        return cls(
-            role=info.role, model=FingerprintJSON.from_record(info.model),
-            reference=FingerprintJSON.from_record(info.reference), beta=info.beta,
-            server_version=info.server_version, limits=LimitsJSON.from_record(info.limits),
-        )
+        return cls(role=info.role, model=info.model, reference=info.reference, beta=info.beta,
+                   server_version=info.server_version, limits=info.limits)
 
 
 Rows = list[list[float | None]]
@@ -146,8 +116,8 @@ class ScoreResponseJSON(_Strict):
     request_id: str
     signal: SignalName
     support: SupportName
-    model: FingerprintJSON
-    reference: FingerprintJSON | None
+    model: ModelFingerprint
+    reference: ModelFingerprint | None
     indices: list[list[int]] | None = Field(description="[P, m] token ids, -1 pads; null for dense")
     values: Rows = Field(description="[P, m] (or [P, V]) log-probs or advantages")
     tail: list[float | None] | None = Field(description="[P] log tail mass, or the tail bucket's advantage")
@@ -162,7 +132,7 @@ class ScoreResponseJSON(_Strict):
     def from_record(cls, result: ScoreResult, request_id: str) -> ScoreResponseJSON:
         return cls(
             request_id=request_id, signal=result.signal, support=result.support,
-            model=FingerprintJSON.from_record(result.model), reference=FingerprintJSON.from_record(result.reference),
+            model=result.model, reference=result.reference,
             indices=None if result.indices is None else result.indices.tolist(),
             values=_floats(result.values), tail=_floats(result.tail), weights=_floats(result.weights),
             **{name: _floats(t) for name, t in result.extras.items()}, replica=result.replica,
