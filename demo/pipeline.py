@@ -178,6 +178,7 @@ class DemoRun:
         `seeds` seeds, and score everything on the test split."""
         seeds = seeds or self.config.seeds
         started = time.perf_counter()
+        source = source_state()
         if self.config.torch_threads:
             import torch
 
@@ -194,6 +195,7 @@ class DemoRun:
                 endpoints = {"teacher": teacher.endpoint, "reference": reference.endpoint}
                 trained = self._train_all(seeds, endpoints, settings)
         results = self._score_all(trained, seeds)
+        results["environment"].update(source)  # the code the run started from
         results["seconds"] = round(time.perf_counter() - started, 1)
         return results
 
@@ -317,11 +319,6 @@ def environment() -> dict:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -331,8 +328,25 @@ def environment() -> dict:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "service_env": SERVICE_ENV,
         "cpu": cpu,
-        "git_commit": commit,
+        **source_state(),
     }
+
+
+def source_state() -> dict:
+    """The commit of the checkout and whether its code (not docs) differed from it: call it when a run
+    starts, since a shared working tree can change under a long run."""
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    changed = git("status", "--porcelain", "--", "*.py", "*.yaml", "*.proto")
+    return {"git_commit": git("rev-parse", "HEAD") or None,
+            "git_code_changes": None if changed is None else len(changed.splitlines())}
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:

@@ -205,7 +205,9 @@ def research_markdown(results: dict) -> str:
         + (f" {reused} of {total} world replicates were reused from an earlier run of the same command, so the "
            "time covers only the rest." if reused else ""),
         "",
-        f"Packages: {versions}; Python {env['python']}; commit {env.get('git_commit') or 'unknown'}. The full "
+        f"Packages: {versions}; Python {env['python']}; started from commit {env.get('git_commit') or 'unknown'}"
+        + (f" with {env['git_code_changes']} uncommitted code file(s)" if env.get("git_code_changes") else "")
+        + ". The full "
         "record (configs, every setting tried with its validation score, every interval, package versions, "
         "torch threads, CPU flags) is [`results.json`](results.json).",
         "",

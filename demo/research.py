@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from adpa.demo.config import DemoConfig
-from adpa.demo.pipeline import DemoRun, _slug, environment, write_results
+from adpa.demo.pipeline import DemoRun, _slug, environment, source_state, write_results
 from adpa.demo.stats import paired_difference, run_means, verdict, win_rate
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def run_research(configs: list[DemoConfig], workdir: str | Path, *, worlds: int 
     if len(set(names)) != len(names):
         raise ValueError(f"configs need distinct names (their `name` field); got {names}")
     workdir = Path(workdir)
-    started, load_before = time.perf_counter(), loadavg()
+    started, load_before, source = time.perf_counter(), loadavg(), source_state()
     results: dict = {"command": command, "load_before": load_before, "worlds": {}}
     for config in configs:
         n_worlds, n_seeds = worlds or config.worlds, seeds or config.seeds
@@ -205,7 +205,7 @@ def run_research(configs: list[DemoConfig], workdir: str | Path, *, worlds: int 
         results["worlds"][config.name] = analyse(config, records)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["load_after"] = loadavg()
-    results["environment"] = environment()
+    results["environment"] = {**environment(), **source}  # the code the run started from
     return results
 
 

@@ -141,6 +141,7 @@ def test_replicates_search_and_intervals(small_demo):
     assert claim["greedy"]["verdict"] in ("holds", "reversed", "undecided")
     env = results["environment"]
     assert env["packages"]["torch"] and env["cpu"]["flags"] and env["torch_threads"] == 1
+    assert len(env["git_commit"]) == 40 and isinstance(env["git_code_changes"], int)  # taken when the run started
     report = (workdir / "out/results.md").read_text()
     assert "adpa demo --config small.yaml" in report and "T1.6" in report and "1 of 2 methods" in report
     assert (workdir / "out/results.png").stat().st_size > 0
