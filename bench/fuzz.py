@@ -81,13 +81,17 @@ def score_requests(draw, vocab: int = 77) -> pb.ScoreRequest:
     valid_id = st.integers(0, vocab - 1)
     ids = st.one_of(valid_id, st.integers(-3, vocab + 3), st.sampled_from([-(2**31), 2**31 - 1])) \
         if _rarely(draw, 6) else valid_id
-    count = draw(st.integers(1, 4)) if not _rarely(draw, 20) else 0
-    sequences = [draw(st.lists(ids, min_size=0 if _rarely(draw, 20) else 1,
-                               max_size=draw(st.sampled_from([8, 8, 40, 300])))) for _ in range(count)]
+    big = _rarely(draw, 8)  # 3-4 long sequences scored in full: past max_positions (512 on the test teacher)
+    count = draw(st.integers(3, 4)) if big else draw(st.integers(1, 4)) if not _rarely(draw, 20) else 0
+    sequences = [draw(st.lists(ids, min_size=130 if big else 0 if _rarely(draw, 20) else 1,
+                               max_size=256 if big else draw(st.sampled_from([8, 8, 40, 300]))))
+                 for _ in range(count)]
     ranges = []
     for seq in sequences:
         n = len(seq)
-        if n and not _rarely(draw, 12):
+        if big:
+            ranges.append((0, n))
+        elif n and not _rarely(draw, 12):
             start = draw(st.integers(0, n - 1))
             ranges.append((start, draw(st.integers(start + 1, n))))
         else:  # broken on purpose
