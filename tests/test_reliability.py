@@ -2,7 +2,7 @@
 gaps, HTTP's edges, overload through the client, and the wire's ergonomics.
 
 Each test is a regression test of one finding of the issue (the number is in its docstring); each
-failed on the code before the fix (how each failed is in /work/notes/issue-11.md). Servers started
+failed on the code before the fix. Servers started
 here are stopped by the fixtures, also when a test fails.
 """
 
