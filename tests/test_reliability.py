@@ -2,8 +2,8 @@
 gaps, HTTP's edges, overload through the client, and the wire's ergonomics.
 
 Each test is a regression test of one finding of the issue (the number is in its docstring); each
-failed on the code before the fix. Servers started
-here are stopped by the fixtures, also when a test fails.
+failed on the code before the fix. Servers started here are stopped by the fixtures, also when a
+test fails.
 """
 
 from __future__ import annotations
