@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -87,26 +86,16 @@ def _positive_int(text: str) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import logging
     import shlex
     import time
 
     from pydantic import ValidationError
 
     from adpa.demo.config import DemoConfig
-    from adpa.demo.pipeline import DemoRun, write_results
+    from adpa.demo.pipeline import DemoRun, configure_output, write_results
     from adpa.demo.report import markdown_table
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "datasets", "trl", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # TRL still calls transformers' renamed gradient-checkpointing methods: noise between the bars.
-    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()  # the pipeline shows its own progress
-    transformers.utils.logging.disable_progress_bar()
+    configure_output()
     configs = []
     for path in args.config or [None]:
         try:

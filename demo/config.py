@@ -82,8 +82,13 @@ class DemoConfig(BaseModel):
     )
     search: Search = Search()
     torch_threads: int | None = Field(
-        None, ge=1, description="torch threads of the pipeline's own process (default: torch's choice); the "
-        "services always run with one"
+        None, ge=1, description="torch threads of every student training, the SFT student's included (default: "
+        "torch's choice; one in each worker when jobs > 1). The two teachers train first, alone on the machine, "
+        "with torch's choice; the services always run with one"
+    )
+    jobs: int = Field(
+        1, ge=1, description="student methods trained at once, each in its own worker process (its whole search, "
+        "then its seeds); the table does not depend on it"
     )
     methods: dict[str, Method] = Field(default_factory=dict)
 

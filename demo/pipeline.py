@@ -13,14 +13,25 @@ those instead of searching (adpa.demo.research runs several replicates and compa
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import logging.handlers
+import multiprocessing
 import statistics
+import threading
 import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import AutoTokenizer
 
 from adpa.demo.config import DemoConfig, Method, Stage
@@ -32,8 +43,11 @@ from adpa.training.evaluate import EvalResult, evaluate, win_rate
 
 logger = logging.getLogger(__name__)
 
-# Stage-0 and baselines train with one thread; the services get the other core.
+# The services run with one torch thread each, beside the pipeline's own training.
 SERVICE_ENV = {"ADPA_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
+# One request forwarded at a time: with several student workers, a batched forward would make an
+# answer depend on which requests happened to share it (padding changes the last bits).
+SERVICE_ARGS = ["--no-batching"]
 
 
 def _common_args(out: Path, steps: int, lr: float, batch_size: int, seed: int) -> dict:
@@ -55,10 +69,22 @@ def _stage0(kind: str, model: str, records: datasets.Dataset, out: Path, stage: 
     if kind == "dpo":
         return stage0.train_dpo(model, records, stage0.DPOConfig(**args), silent=True)
     if kind == "simpo":
-        return stage0.train_simpo(
-            model, records, stage0.CPOConfig(**{"loss_type": "simpo", "cpo_alpha": 0.0, **args}), silent=True
-        )
+        # remove_unused_columns: CPOTrainer turns it off itself, with a warning on every run.
+        config = stage0.CPOConfig(**{"loss_type": "simpo", "cpo_alpha": 0.0, "remove_unused_columns": False, **args})
+        return stage0.train_simpo(model, records, config, silent=True)
     raise ValueError(kind)
+
+
+# Stage 0, in order: label -> (kind, model it starts from, split, model it makes, its config field).
+# The SFT student needs neither teacher, so with jobs > 1 it trains in a worker beside them.
+STAGE0 = {
+    "teacher SFT (pi_ref)": ("sft", "teacher_base", "sft", "reference", "teacher_sft"),
+    "teacher DPO (pi_dpo)": ("dpo", "reference", "pairs", "teacher", "teacher_dpo"),
+    "student SFT": ("sft", "student_base", "sft", "student_sft", "student_sft"),
+}
+# Student methods that read neither a teacher model nor the services (with jobs > 1 they can train
+# while the teachers do).
+TEACHER_FREE = ("dpo", "simpo")
 
 
 class DemoRun:
@@ -69,6 +95,11 @@ class DemoRun:
         self.world = config.world.model_copy(update={"seed": config.world.seed + replicate})
         self.workdir = Path(workdir)
         self.models = self.workdir / "models"
+        self.teacher_base = self.models / "teacher-base"
+        self.student_base = self.models / "student-base"
+        self.reference = self.models / "reference"  # pi_ref: the teacher's SFT
+        self.teacher = self.models / "teacher"  # pi_dpo
+        self.student_sft = self.models / "student-sft"
         self.curves: dict[str, list[tuple[int, float]]] = {}
         self._seqkd_records: datasets.Dataset | None = None
         self._tokenized: dict[int, list] = {}  # max_length -> tokenised pairs
@@ -79,41 +110,51 @@ class DemoRun:
 
     def write_world(self) -> None:
         """The world's data splits, from the config's world seed, as files and datasets."""
-        self.paths = World(self.world).write(self.workdir / "data")
-        self.data = {name: datasets.load_dataset("json", data_files=str(p), split="train")
-                     for name, p in self.paths.items()}
+        self._load_world(World(self.world).write(self.workdir / "data"))
+
+    def _load_world(self, paths: dict[str, Path]) -> None:
+        self.paths = paths
+        self.data = {name: datasets.load_dataset("json", data_files=str(p), split="train") for name, p in paths.items()}
 
     def reward(self, prompts: list, responses: list[str]) -> list[float]:
         """The ground-truth reward, with the config's weights."""
         return reward_texts(prompts, responses, self.config.world.reward)
 
     def build(self) -> None:
+        """Stage 0: the world, pi_ref, pi_dpo and the SFT student."""
+        self.prepare()
+        for label in tqdm(STAGE0, desc="stage 0", unit="model"):
+            self.train_stage0(label)
+
+    def prepare(self) -> None:
+        """The world's files and the two untrained models (what stage 0 starts from)."""
         c = self.config
         self.write_world()
-        teacher_base = make_tiny_model(self.models / "teacher-base", layers=c.teacher.layers, hidden=c.teacher.hidden,
-                                       heads=c.teacher.heads, seed=self.world.seed, init_std=0.02, words=WORDS)
-        self.student_base = make_tiny_model(self.models / "student-base", layers=c.student.layers,
-                                            hidden=c.student.hidden, heads=c.student.heads, seed=self.world.seed + 1,
-                                            init_std=0.02, words=WORDS)
-        self.reference = self.models / "reference"
-        self.teacher = self.models / "teacher"
-        self.student_sft = self.models / "student-sft"
-        steps = [
-            ("teacher SFT (pi_ref)", "sft", teacher_base, "sft", self.reference, c.teacher_sft),
-            ("teacher DPO (pi_dpo)", "dpo", self.reference, "pairs", self.teacher, c.teacher_dpo),
-            ("student SFT", "sft", self.student_base, "sft", self.student_sft, c.student_sft),
-        ]
-        for label, kind, model, split, out, stage in tqdm(steps, desc="stage 0", unit="model"):
-            started = time.perf_counter()
-            trainer = _stage0(kind, str(model), self.data[split], out, stage, seed=self.replicate)
-            self.curves[label] = _curve(trainer)
-            logger.info("%s: %d steps in %.0fs", label, stage.steps, time.perf_counter() - started)
+        make_tiny_model(self.teacher_base, layers=c.teacher.layers, hidden=c.teacher.hidden, heads=c.teacher.heads,
+                        seed=self.world.seed, init_std=0.02, words=WORDS)
+        make_tiny_model(self.student_base, layers=c.student.layers, hidden=c.student.hidden, heads=c.student.heads,
+                        seed=self.world.seed + 1, init_std=0.02, words=WORDS)
+
+    def train_stage0(self, label: str) -> list[tuple[int, float]]:
+        """One stage-0 model (a key of STAGE0); returns its loss curve (also kept in `curves`)."""
+        kind, start, split, out, stage = STAGE0[label]
+        started = time.perf_counter()
+        trainer = _stage0(kind, str(getattr(self, start)), self.data[split], getattr(self, out),
+                          getattr(self.config, stage), seed=self.replicate)
+        self.curves[label] = _curve(trainer)
+        logger.info("%s: %d steps in %.0fs", label, getattr(self.config, stage).steps, time.perf_counter() - started)
+        return self.curves[label]
 
     # -- student methods --------------------------------------------------------------------------
 
     def train_method(self, name: str, method: Method, setting: dict, seed: int, endpoints: dict[str, str]) -> Path:
         """Train one student with `method`, its fixed options and one `setting` of its grid."""
         c = self.config
+        # Every Trainer.train starts with a full gc.collect (accelerate's free_memory), which walks
+        # the whole heap (datasets, tokenised records, loaded libraries): ~0.2 s a run. Collect the
+        # last run's garbage now and freeze what is left, so those collections only walk new objects.
+        gc.collect()
+        gc.freeze()
         out = self.models / "students" / _slug(name) / f"{_tag(setting)}-seed{seed}"
         options = {**method.options, **setting}
         lr = options.pop("learning_rate")
@@ -179,79 +220,154 @@ class DemoRun:
         seeds = seeds or self.config.seeds
         started = time.perf_counter()
         source = source_state()
-        if self.config.torch_threads:
-            import torch
-
-            torch.set_num_threads(self.config.torch_threads)
-        self.build()
-        log = self.workdir / "logs"
-        log.mkdir(parents=True, exist_ok=True)
-        ref_args = ["--role", "reference", "--model", str(self.reference)]
-        with ServiceProcess(ref_args, env=SERVICE_ENV, log_path=log / "reference.log") as reference:
-            teacher_args = ["--role", "teacher", "--model", str(self.teacher), "--reference", reference.endpoint,
-                            "--beta", str(self.config.beta)]
-            with ServiceProcess(teacher_args, env=SERVICE_ENV, log_path=log / "teacher.log") as teacher:
-                logger.info("services up: reference %s, teacher %s", reference.endpoint, teacher.endpoint)
-                endpoints = {"teacher": teacher.endpoint, "reference": reference.endpoint}
-                trained = self._train_all(seeds, endpoints, settings)
+        methods = self.config.methods
+        if settings is not None and set(settings) != set(methods):
+            raise ValueError(f"settings for {sorted(settings)}, methods {sorted(methods)}")
+        fixed = {name: settings[name] if settings is not None else None for name in methods}
+        with logging_redirect_tqdm(), ExitStack() as stack:
+            train = self._train_parallel if self.config.jobs > 1 else self._train_sequential
+            trained = train(seeds, fixed, stack)
         results = self._score_all(trained, seeds)
         results["environment"].update(source)  # the code the run started from
         results["seconds"] = round(time.perf_counter() - started, 1)
         return results
+
+    def _train_sequential(self, seeds: int, fixed: dict[str, dict | None], stack: ExitStack) -> dict[str, dict]:
+        """Stage 0, then every method, one training at a time in this process."""
+        self.prepare()
+        with tqdm(total=len(STAGE0), desc="stage 0", unit="model") as bar:
+            services = self._train_teachers(stack, bar)
+            self._student_threads()
+            bar.set_postfix_str("student SFT")
+            self.train_stage0("student SFT")  # while the services load
+            bar.update()
+        endpoints = self._services_ready(services)
+        with tqdm(total=self._runs(seeds, fixed), desc="student methods", unit="run") as bar:
+            progress = _Progress(bar.set_postfix_str, bar.update, lambda n: _grow(bar, n))
+            return {name: self.train_method_all(name, seeds, endpoints, fixed[name], progress) for name in fixed}
+
+    def _train_parallel(self, seeds: int, fixed: dict[str, dict | None], stack: ExitStack) -> dict[str, dict]:
+        """The same trainings on `jobs` worker processes: the SFT student, then the teacher-free
+        methods, train on one worker while this process trains the teachers; once the services
+        are up, every other method is queued on all workers. Rows come back in the config's order."""
+        bar = stack.enter_context(tqdm(total=len(STAGE0) + self._runs(seeds, fixed), desc="training", unit="model"))
+        self.prepare()
+        pool = stack.enter_context(_StudentPool(self, bar))
+        self._student_threads()  # a worker trains beside the teachers from now on
+        student_sft = pool.submit(_stage0_in_worker, "student SFT")
+        futures: dict[str, Future] = {}
+        lock = threading.Lock()
+        late = threading.Event()
+
+        def early() -> None:  # one at a time: the teachers train on the other core
+            try:
+                student_sft.result()
+                for name in [n for n in fixed if self.config.methods[n].method in TEACHER_FREE]:
+                    with lock:
+                        if late.is_set():
+                            return
+                        futures[name] = pool.submit(_train_in_worker, name, seeds, {}, fixed[name])
+                    futures[name].result()
+            except BaseException:  # noqa: BLE001 - it resurfaces from its future in the main thread
+                return
+
+        chain = threading.Thread(target=early, name="adpa-demo-early", daemon=True)
+        chain.start()
+        endpoints = self._services_ready(self._train_teachers(stack, bar))
+        self.curves["student SFT"] = student_sft.result()
+        bar.update()
+        with lock:
+            late.set()
+            for name in fixed:
+                if name not in futures:
+                    futures[name] = pool.submit(_train_in_worker, name, seeds, endpoints, fixed[name])
+        trained = {}
+        for name in fixed:
+            trained[name], curves = futures[name].result()
+            self.curves.update(curves)
+        return trained
+
+    def _runs(self, seeds: int, fixed: dict[str, dict | None]) -> int:
+        """Student trainings before any grid grows: every setting of each grid, then the other seeds."""
+        methods = self.config.methods
+        return sum((len(methods[n].candidates()) - 1 if s is None else 0) + seeds for n, s in fixed.items())
+
+    def _student_threads(self) -> None:
+        """From the student SFT on, trainings share the machine (with the services, or each other):
+        `torch_threads` from here on (one with workers, unless set), as the results' environment says."""
+        threads = self.config.torch_threads or (1 if self.config.jobs > 1 else None)
+        if threads:
+            torch.set_num_threads(threads)
+
+    def _train_teachers(self, stack: ExitStack, bar: tqdm | None = None) -> list[ServiceProcess]:
+        """pi_ref, then pi_dpo, in this process; each one's service starts loading as soon as its model
+        is on disk (stopped when `stack` closes). Returns the reference and teacher services."""
+        log = self.workdir / "logs"
+        log.mkdir(parents=True, exist_ok=True)
+        services = []
+        for label, role in zip(STAGE0, ("reference", "teacher")):
+            if bar is not None:
+                bar.set_postfix_str(label)
+            self.train_stage0(label)
+            if bar is not None:
+                bar.update()
+            args = ["--role", role, "--model", str(getattr(self, role)), *SERVICE_ARGS]
+            if role == "teacher":  # it waits for its reference to answer
+                args += ["--reference", services[0].endpoint, "--beta", str(self.config.beta)]
+            service = ServiceProcess(args, env=SERVICE_ENV, log_path=log / f"{role}.log")
+            stack.callback(service.stop)
+            services.append(service.launch())
+        return services
+
+    def _services_ready(self, services: list[ServiceProcess]) -> dict[str, str]:
+        reference, teacher = (service.wait_ready() for service in services)
+        logger.info("services up: reference %s, teacher %s", reference.endpoint, teacher.endpoint)
+        return {"teacher": teacher.endpoint, "reference": reference.endpoint}
 
     def _validation_score(self, model: Path) -> float:
         modes = ("greedy",) if self.config.search.select_on == "greedy" else ("greedy", "sampled")
         result = self.evaluate(model, "validation", modes=modes)
         return statistics.fmean(result.modes[m].mean_reward for m in modes)
 
-    def _train_all(self, seeds: int, endpoints: dict[str, str],
-                   settings: dict[str, dict] | None = None) -> dict[str, dict]:
-        trained: dict[str, dict] = {}
-        methods = self.config.methods
-        if settings is not None and set(settings) != set(methods):
-            raise ValueError(f"settings for {sorted(settings)}, methods {sorted(methods)}")
-        jobs = sum((len(m.candidates()) - 1 if settings is None else 0) + seeds for m in methods.values())
-        with tqdm(total=jobs, desc="student methods", unit="run") as bar:
-            for name, method in methods.items():
-                if settings is not None:  # chosen elsewhere (world 0's validation split): train every seed
-                    best, runs = settings[name], []
-                    for seed in range(seeds):
-                        bar.set_postfix_str(f"{name} seed={seed}")
-                        runs.append(self.train_method(name, method, best, seed, endpoints))
-                        bar.update()
-                    trained[name] = {"setting": best, "models": runs,
-                                     "curve": self.curves[_run_label(name, best, 0)]}
-                    continue
-                models: dict[str, Path] = {}
+    def train_method_all(self, name: str, seeds: int, endpoints: dict[str, str], setting: dict | None,
+                         progress: _Progress) -> dict:
+        """One method's row: its grid searched on validation with seed 0 (unless `setting` is given),
+        then the chosen setting trained with every seed."""
+        method = self.config.methods[name]
+        if setting is not None:  # chosen elsewhere (world 0's validation split): train every seed
+            runs = []
+            for seed in range(seeds):
+                progress.start(f"{name} seed={seed}")
+                runs.append(self.train_method(name, method, setting, seed, endpoints))
+                progress.done()
+            return {"setting": setting, "models": runs, "curve": self.curves[_run_label(name, setting, 0)]}
+        models: dict[str, Path] = {}
 
-                def score(setting: dict, name=name, method=method, models=models) -> float:
-                    bar.set_postfix_str(f"{name} {setting}")
-                    models[_tag(setting)] = model = self.train_method(name, method, setting, 0, endpoints)
-                    bar.update()
-                    return self._validation_score(model)
+        def score(setting: dict) -> float:
+            progress.start(f"{name} {setting}")
+            models[_tag(setting)] = model = self.train_method(name, method, setting, 0, endpoints)
+            progress.done()
+            return self._validation_score(model)
 
-                batches = []
+        batches = []
 
-                def grow(n: int, batches=batches) -> None:  # the grid itself is counted in `jobs` already
-                    if batches:
-                        bar.total += n
-                        bar.refresh()
-                    batches.append(n)
+        def grow(n: int) -> None:  # the grid itself is counted in the bar's total already
+            if batches:
+                progress.grow(n)
+            batches.append(n)
 
-                found = search(method.grid, score, self.config.search.max_extensions, on_new=grow)
-                best = found.best
-                runs = [models[_tag(best)]]
-                for seed in range(1, seeds):
-                    bar.set_postfix_str(f"{name} seed={seed}")
-                    runs.append(self.train_method(name, method, best, seed, endpoints))
-                    bar.update()
-                trained[name] = {"setting": best, "validation": [{**t[0], "reward": t[1]} for t in found.tried],
-                                 "search": found.record(), "models": runs,
-                                 "curve": self.curves[_run_label(name, best, 0)]}
-                logger.info("%s: %s chosen on validation (%s)%s", name, best,
-                            "; ".join(f"{t[0]}: {t[1]:.3f}" for t in found.tried),
-                            f"; grid extended {found.extensions}" if found.extensions else "")
-        return trained
+        found = search(method.grid, score, self.config.search.max_extensions, on_new=grow)
+        best = found.best
+        runs = [models[_tag(best)]]
+        for seed in range(1, seeds):
+            progress.start(f"{name} seed={seed}")
+            runs.append(self.train_method(name, method, best, seed, endpoints))
+            progress.done()
+        logger.info("%s: %s chosen on validation (%s)%s", name, best,
+                    "; ".join(f"{t[0]}: {t[1]:.3f}" for t in found.tried),
+                    f"; grid extended {found.extensions}" if found.extensions else "")
+        return {"setting": best, "validation": [{**t[0], "reward": t[1]} for t in found.tried],
+                "search": found.record(), "models": runs, "curve": self.curves[_run_label(name, best, 0)]}
 
     def _score_all(self, trained: dict[str, dict], seeds: int) -> dict:
         rows = {
@@ -284,6 +400,124 @@ class DemoRun:
             table[name] = entry
         return {"config": self.config.model_dump(), "seeds": seeds, "methods": table, "curves": self.curves,
                 "environment": environment()}
+
+
+def configure_output() -> None:
+    """The demo's console: INFO logs of its own, warnings only from the libraries, no library progress
+    bars (the pipeline shows its own); the same in the pipeline's process and in its workers."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "datasets", "trl", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # TRL still calls transformers' renamed gradient-checkpointing methods: noise between the bars.
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@dataclass
+class _Progress:
+    """Where a method's runs report: the progress bar itself, or a queue to it from a worker."""
+
+    start: Callable[[str], None]  # a run starts (its description)
+    done: Callable[[], None]  # a run finished
+    grow: Callable[[int], None]  # the search queued n more runs
+
+
+def _grow(bar: tqdm, n: int) -> None:
+    bar.total += n
+    bar.refresh()
+
+
+class _StudentPool:
+    """`config.jobs` worker processes, each a `DemoRun` over the same workdir (world files and models
+    on disk) with `config.torch_threads` (default one) torch threads, training one task at a time:
+    a stage-0 model, or a method's whole search and seeds.
+
+    A run's result does not depend on what trains beside it: its process trains it alone, and the
+    demo's services forward one request at a time (batching off), so no answer depends on which
+    requests would have shared a forward. The table is the one `jobs: 1` makes. Workers are spawned,
+    not forked (the parent holds gRPC channels and torch's thread pool); their progress and log
+    records come back over a queue to the parent's bar.
+    """
+
+    def __init__(self, run: DemoRun, bar: tqdm):
+        self.run, self.bar = run, bar
+        self.executor: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> _StudentPool:
+        context = multiprocessing.get_context("spawn")
+        self.events = context.Queue()
+        run, jobs = self.run, self.run.config.jobs
+        self.executor = ProcessPoolExecutor(
+            jobs, mp_context=context, initializer=_init_worker,
+            initargs=(run.config, run.workdir, run.replicate, run.paths, self.events),
+        )
+        for _ in range(jobs):  # a process is spawned per task submitted while none is idle: all of them now
+            self.executor.submit(int)
+        self.relay = threading.Thread(target=self._relay, name="adpa-demo-progress", daemon=True)
+        self.relay.start()
+        return self
+
+    def submit(self, fn: Callable, *args) -> Future:
+        return self.executor.submit(fn, *args)
+
+    def _relay(self) -> None:
+        for kind, value in iter(self.events.get, None):
+            if kind == "start":
+                self.bar.set_postfix_str(value)
+            elif kind == "done":
+                self.bar.update()
+            elif kind == "grow":
+                _grow(self.bar, value)
+            else:  # a worker's log record, through this process's handlers
+                logging.getLogger(value.name).handle(value)
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.executor.shutdown(wait=True)
+        else:  # nothing a worker is doing now is wanted any more
+            processes = list((getattr(self.executor, "_processes", None) or {}).values())
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.terminate()
+        self.events.put(None)
+        self.relay.join()
+
+
+class _LogRelay(logging.handlers.QueueHandler):
+    """A worker's log records, sent to the parent as ("log", record) events."""
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        self.queue.put(("log", record))
+
+
+_WORKER: DemoRun | None = None
+
+
+def _init_worker(config: DemoConfig, workdir: Path, replicate: int, paths: dict[str, Path], events) -> None:
+    global _WORKER
+    configure_output()
+    logging.getLogger().handlers[:] = [_LogRelay(events)]
+    torch.set_num_threads(config.torch_threads or 1)
+    _WORKER = DemoRun(config, workdir, replicate)
+    _WORKER._load_world(paths)
+    _WORKER._events = events
+
+
+def _stage0_in_worker(label: str) -> list[tuple[int, float]]:
+    return _WORKER.train_stage0(label)
+
+
+def _train_in_worker(name: str, seeds: int, endpoints: dict[str, str], setting: dict | None) -> tuple[dict, dict]:
+    """One method's row and its runs' loss curves."""
+    run, events = _WORKER, _WORKER._events
+    progress = _Progress(lambda text: events.put(("start", text)), lambda: events.put(("done", None)),
+                         lambda n: events.put(("grow", n)))
+    before = set(run.curves)
+    record = run.train_method_all(name, seeds, endpoints, setting, progress)
+    return record, {label: curve for label, curve in run.curves.items() if label not in before}
 
 
 def environment() -> dict:

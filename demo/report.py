@@ -199,7 +199,7 @@ def research_markdown(results: dict) -> str:
         "",
         f"It took **{_duration(results['seconds'])}** of wall clock on {cpu.get('model', cpu.get('machine'))} "
         f"({cpu.get('cores')} cores; torch CPU capability {env['torch_cpu_capability']}), with "
-        f"{env['torch_threads']} torch thread(s) in the pipeline's process and one per service. Load average "
+        f"{env['torch_threads']} torch thread(s) per student training and one per service. Load average "
         f"(1, 5, 15 min) before: `{results.get('load_before')}`; after: `{results.get('load_after')}`"
         " (other work on the machine slows the run but does not change its numbers)."
         + (f" {reused} of {total} world replicates were reused from an earlier run of the same command, so the "

@@ -40,13 +40,19 @@ class Job:
 
     sequences: list[torch.Tensor]
     ranges: list[tuple[int, int]]
-    add: Callable[[int, int, torch.Tensor], None]  # (sequence index, first row of its range, rows)
+    add: Callable[[torch.Tensor, torch.Tensor], None]  # (row numbers in request order, (rows, V) log-probs)
     should_stop: StopFn | None = None
     caller: str = ""
     groups: list[tuple[tuple[int, ...], int]] = field(default_factory=list)  # shared prefixes (prefix.py)
     pending: int = 0
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        # first_row[b]: the request row of sequence b's first scored position (rows in request order)
+        self.first_row = [0]
+        for start, end in self.ranges:
+            self.first_row.append(self.first_row[-1] + end - start)
 
     def stopped(self) -> bool:
         return self.error is not None or (self.should_stop is not None and self.should_stop())

@@ -176,7 +176,8 @@ class ScoringEngine:
         """One micro-batch: the body once over the padded sequences (items with a shared prefix:
         the prefix once, then their own tokens against its key/value cache), then the head and an
         fp32 log-softmax on the scored rows only, a chunk of rows at a time; each chunk's rows go
-        back to the job they belong to (`Job.add`), where the job's support is taken."""
+        back to the job they belong to (`Job.add`, once per job and chunk), where the job's support
+        is taken."""
         with torch.inference_mode():
             scored = []  # (job, sequence index, (rows, F) features of its scored range)
             plain = [item for item in group if not item.prefix]
@@ -193,10 +194,21 @@ class ScoringEngine:
             for c0 in range(0, offset, self.rows_per_chunk):
                 c1 = min(c0 + self.rows_per_chunk, offset)
                 logp = self._log_softmax(picked[c0:c1])  # (c1 - c0, V), on the model's device
+                # Per job: its rows of this chunk (positions in `logp`) and their request row numbers.
+                # Supports are taken row by row, so one call per job gives what one call per sequence
+                # gives, without the per-call overhead that dominates small requests.
+                taken: dict[Job, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
                 for job, b, first, rows in owners:
                     lo, hi = max(first, c0), min(first + rows, c1)
                     if lo < hi:
-                        job.add(b, lo - first, logp[lo - c0 : hi - c0])
+                        local, request = taken.setdefault(job, ([], []))
+                        local.append(torch.arange(lo - c0, hi - c0))
+                        request.append(torch.arange(lo - first, hi - first) + job.first_row[b])
+                for job, (local, request) in taken.items():
+                    at = torch.cat(local)
+                    first, last = int(at[0]), int(at[-1])
+                    rows = logp[first : last + 1] if last - first + 1 == len(at) else logp[at.to(logp.device)]
+                    job.add(torch.cat(request), rows)
 
     def _scored_plain(self, members: list[tuple[Job, int]]) -> list[tuple[Job, int, torch.Tensor]]:
         """Right-padded sequences in one forward; the features of each one's scored range."""
@@ -249,7 +261,7 @@ class ScoringEngine:
         their sequence); `should_stop` is polled between micro-batches; `caller` identifies who
         asks, for fairness when requests of several callers are batched together.
         """
-        request = _Request(ranges, support)
+        request = _Request(sum(end - start for start, end in ranges), support)
         groups = shared_prefix_groups(sequences, self.min_shared_prefix) if self.min_shared_prefix else []
         self.scheduler.run(Job(sequences, ranges, request.add, should_stop, caller, groups))
         return request.assemble()
@@ -258,12 +270,9 @@ class ScoringEngine:
 class _Request:
     """One scoring request's rows: the support is taken as chunks of its rows arrive."""
 
-    def __init__(self, ranges: list[tuple[int, int]], support: SupportSpec):
+    def __init__(self, num_rows: int, support: SupportSpec):
         self.support = support
-        self.offsets = [0]
-        for start, end in ranges:
-            self.offsets.append(self.offsets[-1] + end - start)
-        self.num_rows = self.offsets[-1]
+        self.num_rows = num_rows
         self.uniforms = None
         if support.kind == "sampled":
             # Drawn up front in request order: the draws don't depend on batching or chunking.
@@ -272,13 +281,12 @@ class _Request:
             self.uniforms = torch.rand((self.num_rows, support.n), generator=generator, dtype=torch.float64)
         self.parts: list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = []
 
-    def add(self, index: int, first: int, logp: torch.Tensor) -> None:
-        """Rows first..first + len(logp) of sequence `index`'s scored range, as fp32 log-probs.
+    def add(self, rows: torch.Tensor, logp: torch.Tensor) -> None:
+        """fp32 log-probs of request rows `rows` (row numbers in request order, any order).
 
         The support is taken where `logp` is (the GPU, when the model is there): only the
         (rows, width) answer comes back to host memory, never the (rows, V) block.
         """
-        rows = torch.arange(len(logp)) + self.offsets[index] + first
         support, device = self.support, logp.device
         if support.kind == "topk":
             out = sparse.topk(logp, support.k)

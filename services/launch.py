@@ -53,6 +53,11 @@ class ServiceProcess:
         return f"grpc://127.0.0.1:{self.port}"
 
     def start(self) -> ServiceProcess:
+        """Launch and wait until it answers."""
+        return self.launch().wait_ready()
+
+    def launch(self) -> ServiceProcess:
+        """Start the process and return at once (it loads while the caller does other work)."""
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "adpa.cli", "serve", *self.args],
@@ -60,6 +65,11 @@ class ServiceProcess:
             stderr=subprocess.STDOUT,
             env=self.env,
         )
+        self._launched = time.monotonic()
+        return self
+
+    def wait_ready(self) -> ServiceProcess:
+        """Block until ModelInfo answers (stopping the process if it exits or times out first)."""
         try:
             self._wait_ready()
         except BaseException:
@@ -68,22 +78,39 @@ class ServiceProcess:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+        deadline = self._launched + self.startup_timeout_s
+        # gRPC backs off between connection attempts (seconds, after a few refused ones): poll a port
+        # that is about to open with short backoffs, or readiness is seen seconds late.
+        options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 250)]
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}", options=options) as channel:
             stub = scoring_pb2_grpc.ScorerStub(channel)
             token = self.env.get("ADPA_AUTH_TOKEN")
             metadata = (("authorization", f"Bearer {token}"),) if token else ()
             while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"`adpa serve {' '.join(self.args)}` exited with code {self.proc.returncode}"
-                                       + (f"; see {self.log_path}" if self.log_path else ""))
+                self._check_alive()
                 try:
                     stub.ModelInfo(scoring_pb2.ModelInfoRequest(), timeout=1.0, metadata=metadata)
-                    return
+                    break
                 except grpc.RpcError:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"service on port {self.port} not ready after {self.startup_timeout_s}s")
-                    time.sleep(0.2)
+                    time.sleep(0.1)
+        # The HTTP side (health, metrics) starts just after gRPC: ready means both answer.
+        while self.http_port:
+            self._check_alive()
+            try:
+                socket.create_connection(("127.0.0.1", self.http_port), timeout=1.0).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"HTTP port {self.http_port} not open after {self.startup_timeout_s}s") from None
+                time.sleep(0.05)
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"`adpa serve {' '.join(self.args)}` exited with code {self.proc.returncode}"
+                               + (f"; see {self.log_path}" if self.log_path else ""))
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """SIGTERM (graceful drain), then SIGKILL if it has not exited within `timeout_s`."""

@@ -182,3 +182,22 @@ def test_another_world_seed_and_reward_mix_need_only_config(tmp_path):
     prompt = Prompt("reverse", ("fox", "red", "owl"), polite=True)
     chat = [{"role": "user", "content": prompt.text}]
     assert run.reward([chat, chat], ["owl red fox", "owl red fox stupid bye"]) == pytest.approx([2.0, 1.5])
+
+
+@pytest.mark.slow
+def test_parallel_workers_make_the_same_table(tmp_path):
+    """`jobs: 2` (the SFT student and the teacher-free DPO beside the teachers, then two methods at a
+    time, each in its own worker process) reproduces `jobs: 1` bit for bit: rewards, choices, curves."""
+    small = {**SMALL, "torch_threads": 1, "teacher_sft": {**SMALL["teacher_sft"], "steps": 80},
+             "methods": {"DPO": {"method": "dpo", "grid": {"learning_rate": [3.0e-4, 1.0e-3]}}, **SMALL["methods"]}}
+    results = {jobs: DemoRun(DemoConfig.model_validate({**small, "jobs": jobs}), tmp_path / f"jobs{jobs}").run()
+               for jobs in (1, 2)}
+    one, two = results[1], results[2]
+    assert list(two["methods"]) == list(one["methods"])
+    for name, row in one["methods"].items():
+        for key in ("setting", "reward_greedy", "reward_sampled", "win_rate_vs_SFT_greedy", "examples"):
+            assert two["methods"][name].get(key) == row.get(key), (name, key)
+    assert two["curves"] == one["curves"] and list(two["curves"]) == list(one["curves"])
+    assert one["methods"]["ADPA"]["validation"] == two["methods"]["ADPA"]["validation"]
+    # Its services stopped cleanly when the run ended.
+    assert "stopped" in (tmp_path / "jobs2/logs/teacher.log").read_text()

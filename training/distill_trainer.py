@@ -154,8 +154,8 @@ class DistillTrainer(Trainer):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         vocab, max_k = self.teacher_info.model.vocab_size, self.teacher_info.limits.max_k
         if args.support_k > min(vocab, max_k) or args.student_k > vocab:
-            logger.warning("support_k=%d / student_k=%d exceed the vocabulary (%d) or the teacher's max_k (%d); "
-                           "clamping", args.support_k, args.student_k, vocab, max_k)
+            _warn_once(logger, "support_k=%d / student_k=%d exceed the vocabulary (%d) or the teacher's max_k (%d); "
+                       "clamping", args.support_k, args.student_k, vocab, max_k)
             args.support_k, args.student_k = min(args.support_k, vocab, max_k), min(args.student_k, vocab)
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._samples: dict[int, list[int]] | None = None  # record index -> offline sample (this rank's records)
@@ -409,6 +409,16 @@ def _split_signals(answer, batches: list[TokenBatch]) -> list[TeacherSignals]:
         out.append(TeacherSignals.from_result(part, batch))
         start += rows
     return out
+
+
+_warned: set[tuple] = set()
+
+
+def _warn_once(log: logging.Logger, message: str, *args) -> None:
+    """A warning the first time it occurs in this process (a pipeline trains many students alike)."""
+    if (message, args) not in _warned:
+        _warned.add((message, args))
+        log.warning(message, *args)
 
 
 def _read_json(path: Path | None):

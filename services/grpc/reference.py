@@ -36,6 +36,7 @@ class RemoteReference:
                                max_busy_retries=1, backoff_s=0.1)
         reference = cls(client)
         deadline = time.monotonic() + wait_s
+        waited = False
         while True:
             try:
                 fp = reference.fingerprint
@@ -53,8 +54,10 @@ class RemoteReference:
                 if time.monotonic() > deadline:
                     reference.close()
                     raise RuntimeError(f"reference at {endpoint} did not answer within {wait_s:.0f}s") from err
-                logger.info("waiting for reference at %s (%s)", endpoint, code.name)
-                time.sleep(2.0)
+                if not waited:
+                    logger.info("waiting for reference at %s (%s)", endpoint, code.name)
+                waited = True
+                time.sleep(0.5)
 
     @property
     def fingerprint(self) -> ModelFingerprint:
