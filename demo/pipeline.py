@@ -83,8 +83,9 @@ STAGE0 = {
     "student SFT": ("sft", "student_base", "sft", "student_sft", "student_sft"),
 }
 # Student methods that read neither a teacher model nor the services (with jobs > 1 they can train
-# while the teachers do).
+# while the teachers do), and those that read the teacher's weights but not the services.
 TEACHER_FREE = ("dpo", "simpo")
+TEACHER_WEIGHTS_ONLY = ("seqkd",)
 
 
 class DemoRun:
@@ -248,8 +249,9 @@ class DemoRun:
 
     def _train_parallel(self, seeds: int, fixed: dict[str, dict | None], stack: ExitStack) -> dict[str, dict]:
         """The same trainings on `jobs` worker processes: the SFT student, then the teacher-free
-        methods, train on one worker while this process trains the teachers; once the services
-        are up, every other method is queued on all workers. Rows come back in the config's order."""
+        methods, train on one worker while this process trains the teachers; methods that need only
+        the teacher's weights are queued once pi_dpo is on disk (while its service loads), every
+        other one once the services are up. Rows come back in the config's order."""
         bar = stack.enter_context(tqdm(total=len(STAGE0) + self._runs(seeds, fixed), desc="training", unit="model"))
         self.prepare()
         pool = stack.enter_context(_StudentPool(self, bar))
@@ -273,14 +275,19 @@ class DemoRun:
 
         chain = threading.Thread(target=early, name="adpa-demo-early", daemon=True)
         chain.start()
-        endpoints = self._services_ready(self._train_teachers(stack, bar))
+        services = self._train_teachers(stack, bar)
         self.curves["student SFT"] = student_sft.result()
         bar.update()
-        with lock:
-            late.set()
-            for name in fixed:
-                if name not in futures:
-                    futures[name] = pool.submit(_train_in_worker, name, seeds, endpoints, fixed[name])
+
+        def queue(names: list[str], endpoints: dict[str, str]) -> None:
+            with lock:
+                late.set()
+                for name in names:
+                    if name not in futures:
+                        futures[name] = pool.submit(_train_in_worker, name, seeds, endpoints, fixed[name])
+
+        queue([n for n in fixed if self.config.methods[n].method in TEACHER_WEIGHTS_ONLY], {})
+        queue(list(fixed), self._services_ready(services))
         trained = {}
         for name in fixed:
             trained[name], curves = futures[name].result()

@@ -186,10 +186,12 @@ def test_another_world_seed_and_reward_mix_need_only_config(tmp_path):
 
 @pytest.mark.slow
 def test_parallel_workers_make_the_same_table(tmp_path):
-    """`jobs: 2` (the SFT student and the teacher-free DPO beside the teachers, then two methods at a
-    time, each in its own worker process) reproduces `jobs: 1` bit for bit: rewards, choices, curves."""
+    """`jobs: 2` (the SFT student and the teacher-free DPO beside the teachers, SeqKD as soon as the
+    teacher's weights exist, then two methods at a time, each in its own worker process) reproduces
+    `jobs: 1` bit for bit: rewards, choices, curves."""
     small = {**SMALL, "torch_threads": 1, "teacher_sft": {**SMALL["teacher_sft"], "steps": 80},
-             "methods": {"DPO": {"method": "dpo", "grid": {"learning_rate": [3.0e-4, 1.0e-3]}}, **SMALL["methods"]}}
+             "methods": {"DPO": {"method": "dpo", "grid": {"learning_rate": [3.0e-4, 1.0e-3]}},
+                         "SeqKD": {"method": "seqkd", "grid": {"learning_rate": [1.0e-3]}}, **SMALL["methods"]}}
     results = {jobs: DemoRun(DemoConfig.model_validate({**small, "jobs": jobs}), tmp_path / f"jobs{jobs}").run()
                for jobs in (1, 2)}
     one, two = results[1], results[2]
