@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from adpa.bench import ALIASES, BENCHMARKS, description, names
 from adpa.bench.plots import main as plots_main, source_name
@@ -187,3 +188,43 @@ def test_the_gpu_suite_smoke_run_on_cpu(tmp_path):
     assert {r["support"] for r in docs["wire"]["wire"]} == {"topk", "indices", "sampled", "dense"}
     assert docs["memory"]["points"] and docs["concurrency"]["points"][0]["errors"] == 0
     assert set(docs["overhead"]["step_seconds"]) == {"in_process", "grpc_prefetch_0", "grpc_prefetch_2"}
+
+
+def test_demo_time_compares_every_table_value():
+    from adpa.bench.demo_time import ROW_FIELDS, compare_tables
+
+    row = {field: {"mean": 0.5, "std": 0.0, "n": 1} for field in ROW_FIELDS}
+    baseline = {"methods": {"ADPA": row, "SFT": dict(row)}, "curves": {"ADPA (lr, seed 0)": [[1, 2.0]]}}
+    same = json.loads(json.dumps(baseline))
+    assert compare_tables(baseline, same) == {"identical": True, "values_equal": 2 * len(ROW_FIELDS) + 1,
+                                              "differences": []}
+    changed = json.loads(json.dumps(baseline))
+    changed["methods"]["ADPA"]["reward_sampled"]["mean"] = 0.5000001
+    changed["curves"]["ADPA (lr, seed 0)"][0][1] = 2.0000001
+    del changed["methods"]["SFT"]
+    result = compare_tables(baseline, changed)
+    assert not result["identical"] and len(result["differences"]) == 3
+    assert any("ADPA reward_sampled" in d for d in result["differences"])
+
+
+@pytest.mark.slow
+def test_demo_time_runs_the_demo_and_finds_its_own_table_again(tmp_path):
+    """A tiny demo config, run twice by the benchmark: the second run's table equals the first's."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "tiny", "world": {"num_sft": 300, "num_pairs": 100, "num_validation": 10, "num_test": 20},
+        "teacher_sft": {"steps": 30, "lr": 3.0e-3}, "teacher_dpo": {"steps": 10, "lr": 1.0e-4, "options": {"beta": 0.1}},
+        "student_sft": {"steps": 20, "lr": 1.0e-2}, "steps": 6, "batch_size": 8, "torch_threads": 1, "jobs": 2,
+        "methods": {"DPO": {"method": "dpo", "grid": {"learning_rate": [1.0e-3]}},
+                    "DCKD": {"method": "dckd", "grid": {"learning_rate": [1.0e-3]}}},
+    }))
+    first = tmp_path / "first"
+    out = tmp_path / "time.json"
+    assert cli_main(["bench", "demo", "--config", str(config), "--workdir", str(first), "--out", str(out)]) == 0
+    baseline = first / "run-0" / "results.json"
+    assert cli_main(["bench", "demo", "--config", str(config), "--baseline", str(baseline), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    run = doc["runs"][0]
+    assert run["jobs"] == 2 and run["wall_s"] >= run["pipeline_s"] > 0
+    assert run["table"]["identical"], run["table"]["differences"]
+    assert run["table"]["values_equal"] > 2 * 8  # 6 rows (teachers, untrained, SFT, 2 methods) and the curves
