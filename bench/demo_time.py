@@ -1,12 +1,13 @@
 """The demo's wall time, as a user meets it, and whether its table changed.
 
-    .venv/bin/python bench/demo_time.py                                   # `adpa demo` once (about 3 min)
-    .venv/bin/python bench/demo_time.py --baseline OLD/results.json       # ... and compare its table
-    .venv/bin/python bench/demo_time.py --config small.yaml --repeats 3
+    adpa bench demo                                   # `adpa demo` once (about 4 min on 2 cores)
+    adpa bench demo --baseline OLD/results.json       # ... and compare its table with an earlier run's
+    adpa bench demo --config small.yaml --repeats 3
 
 Runs `adpa demo` as a new process per repeat (imports, services and workers included, as `make demo`
-does), each into a fresh workdir, and reports its wall time and the load average before and after
-(other work on the machine slows a run without changing its numbers). With `--baseline` it compares
+does), each into a fresh workdir, and reports its wall time, the CPU time of all its processes, and
+the load average before and after (other work on the machine slows a run without changing its
+numbers). With `--baseline` it compares
 every repeat's table with that results.json: each method's chosen setting, mean rewards, win rates,
 example responses and every loss curve must be equal, bit for bit (they are on one machine; another
 CPU or library version changes round-off). JSON on stdout (or --out), a table on stderr.
@@ -33,10 +34,9 @@ ROW_FIELDS = ("setting", "reward_greedy", "reward_sampled", "win_rate_vs_ADPA_gr
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="demo config (default: the built-in demo/default.yaml)")
-    p.add_argument("--repeats", type=int, default=1, help="runs, one after the other")
+    p.add_argument("--repeats", type=int, default=1, help="runs, one after the other (default: 1)")
     p.add_argument("--baseline", help="a results.json to compare every run's table with")
     p.add_argument("--workdir", help="keep the runs here (default: a temporary folder, removed)")
     p.add_argument("--out", help="write the JSON here instead of stdout")
