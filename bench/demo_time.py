@@ -7,10 +7,10 @@
 Runs `adpa demo` as a new process per repeat (imports, services and workers included, as `make demo`
 does), each into a fresh workdir, and reports its wall time, the CPU time of all its processes, and
 the load average before and after (other work on the machine slows a run without changing its
-numbers). With `--baseline` it compares
-every repeat's table with that results.json: each method's chosen setting, mean rewards, win rates,
-example responses and every loss curve must be equal, bit for bit (they are on one machine; another
-CPU or library version changes round-off). JSON on stdout (or --out), a table on stderr.
+numbers). With `--baseline` it compares every repeat's table with that results.json: each method's
+chosen setting, mean rewards, win rates, example responses and every loss curve must be equal, bit
+for bit (they are on one machine; another CPU or library version changes round-off). JSON on stdout
+(or --out), a table on stderr.
 """
 
 from __future__ import annotations
@@ -40,7 +40,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline", help="a results.json to compare every run's table with")
     p.add_argument("--workdir", help="keep the runs here (default: a temporary folder, removed)")
     p.add_argument("--out", help="write the JSON here instead of stdout")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    return args
+
+
+def read_baseline(path: str) -> dict:
+    """An `adpa demo` results.json, or a SystemExit that says what is wrong with it."""
+    try:
+        baseline = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"adpa bench demo: cannot read --baseline {path}: {e}") from None
+    if not isinstance(baseline, dict) or not {"methods", "curves"} <= set(baseline):
+        raise SystemExit(f"adpa bench demo: --baseline {path} is not an `adpa demo` results.json "
+                         "(no 'methods' and 'curves')")
+    return baseline
 
 
 def compare_tables(baseline: dict, results: dict) -> dict:
@@ -88,7 +103,7 @@ def _children_cpu_s() -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
+    baseline = read_baseline(args.baseline) if args.baseline else None
     runs = []
     with tempfile.TemporaryDirectory(prefix="adpa-demo-time-") as tmp:
         root = Path(args.workdir or tmp)

@@ -207,6 +207,19 @@ def test_demo_time_compares_every_table_value():
     assert any("ADPA reward_sampled" in d for d in result["differences"])
 
 
+def test_demo_time_refuses_bad_arguments_with_a_message(tmp_path, capsys):
+    from adpa.bench.demo_time import main as demo_time_main
+
+    with pytest.raises(SystemExit):
+        demo_time_main(["--repeats", "0"])
+    assert "--repeats must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="cannot read --baseline"):
+        demo_time_main(["--baseline", str(tmp_path / "missing.json")])
+    (tmp_path / "other.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not an `adpa demo` results.json"):
+        demo_time_main(["--baseline", str(tmp_path / "other.json")])
+
+
 @pytest.mark.slow
 def test_demo_time_runs_the_demo_and_finds_its_own_table_again(tmp_path):
     """A tiny demo config, run twice by the benchmark: the second run's table equals the first's."""
