@@ -7,19 +7,36 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.adpa-installed
 PROTOC := $(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto
 
-.PHONY: install test demo proto bench deploy-check clean
+.PHONY: install test test-fast demo proto bench deploy-check clean
 
 install: $(STAMP)
 
+# uv installs in seconds; it does not read pip's configuration, so scripts/pip_to_uv.py hands it the
+# same sources (find-links, mirrors, constraints). INSTALLER=pip, or uv failing, installs with pip.
+INSTALLER ?= uv
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	@if [ "$(INSTALLER)" = uv ] && { command -v uv >/dev/null || $(BIN)/python -m pip install -q uv; }; then \
+	  uv=$$(command -v uv || echo $(BIN)/uv); \
+	  echo "installing with $$uv"; \
+	  $$uv pip install -q --python $(BIN)/python $$($(BIN)/python scripts/pip_to_uv.py) "$(TORCH_SPEC)" -e ".[dev]" \
+	  || { echo "uv failed: installing with pip" >&2; $(MAKE) --no-print-directory INSTALLER=pip $@; }; \
+	else \
+	  echo "installing with pip"; \
+	  $(BIN)/python -m pip install -q "$(TORCH_SPEC)" && $(BIN)/python -m pip install -q -e ".[dev]"; \
+	fi
 	touch $@
 
-# The whole suite, with its 20 slowest tests listed; `pytest -m "not slow"` is the quick inner loop.
+# The whole suite on every core (pytest-xdist; tests on the local Ray share one worker), with line and
+# branch coverage of the package (servers and workers included) and its 20 slowest tests listed.
+PYTEST_PARALLEL ?= -n auto --dist loadgroup
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=20
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --cov --cov-report=term --durations=20
+
+# The inner loop: everything that starts no server and trains nothing end to end, without coverage.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/adpa demo

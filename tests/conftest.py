@@ -22,10 +22,17 @@ SERVER_FIXTURES = {
 }
 
 
+# Tests on the session's local Ray run in one pytest-xdist worker (`--dist loadgroup`): one Ray for all.
+RAY_FIXTURES = {"ray_serve", "ray_app"}
+
+
 def pytest_collection_modifyitems(items) -> None:
     for item in items:
-        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SERVER_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
+        if RAY_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from adpa.bench import ALIASES, BENCHMARKS, description, names
 from adpa.bench.plots import main as plots_main, source_name
@@ -170,24 +169,86 @@ def test_the_gpu_suites_dry_run_lists_the_gpu_commands(tmp_path):
     assert not (tmp_path / "out" / "suite.json").exists()
 
 
-@pytest.mark.slow
-def test_the_gpu_suite_smoke_run_on_cpu(tmp_path):
-    """Every part of bench/gpu_suite.sh with the tiny preset and tiny durations: each JSON appears and
-    parses (the numbers mean nothing here)."""
+# A python for the suite that records each part's benchmark command instead of running it (every other
+# call goes to the real interpreter): the script's machinery is tested without training anything, and
+# the recorded commands are what the tests below run.
+STUB_PYTHON = """#!/usr/bin/env bash
+if [[ "$1 $2 $3" == "-m adpa.cli bench" ]]; then
+  shift 3; out=""; prev=""
+  for a in "$@"; do [[ "$prev" == "--out" ]] && out="$a"; prev="$a"; done
+  "$REAL_PYTHON" -c 'import json, sys; json.dump(sys.argv[2:], open(sys.argv[1], "w"))' "$out" "$@"
+  [[ ",$STUB_FAIL," != *",$1,"* ]] || { echo "stub: $1 fails" >&2; exit 3; }
+  exit 0
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def _stub_suite(tmp_path: Path, *args: str, fail: str = "") -> tuple[subprocess.CompletedProcess, Path]:
+    stub = tmp_path / "python"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
     out = tmp_path / "suite"
-    run = _suite("--smoke", "--peak-tflops", "1", str(out), tmp_path=tmp_path, timeout=400)
+    env = {**os.environ, "PYTHON": str(stub), "REAL_PYTHON": sys.executable, "STUB_FAIL": fail,
+           "TMPDIR": str(tmp_path)}
+    run = subprocess.run(["bash", str(SUITE), *args, str(out)], capture_output=True, text=True, env=env, timeout=120)
+    return run, out
+
+
+def test_the_gpu_suite_runs_and_records_every_part(tmp_path):
+    """--smoke with a stub for the benchmarks: each part's command runs once, in order, its JSON and exit
+    status land in suite.json; a failing part makes the suite exit 1 and the others still run."""
+    run, out = _stub_suite(tmp_path, "--smoke", "--peak-tflops", "1")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     suite = json.loads((out / "suite.json").read_text())
+    assert suite["smoke"] and suite["peak_tflops"] == 1.0 and suite["cpus"] == os.cpu_count()
     assert [p["part"] for p in suite["parts"]] == list(SUITE_PARTS)
-    assert all(p["exit"] == 0 for p in suite["parts"]), suite["parts"]
-    docs = {part: json.loads((out / f"{part}.json").read_text()) for part in SUITE_PARTS}
-    for part in ("serving_8b", "serving_1b"):
-        throughput = docs[part]["throughput"]
-        assert throughput["engine_logprobs"]["mfu"] > 0 and throughput["service_advantage"]["tflops_per_s"] > 0
-    assert throughput["grpc_teacher_advantage"]["matches_in_process"]
-    assert {r["support"] for r in docs["wire"]["wire"]} == {"topk", "indices", "sampled", "dense"}
-    assert docs["memory"]["points"] and docs["concurrency"]["points"][0]["errors"] == 0
-    assert set(docs["overhead"]["step_seconds"]) == {"in_process", "grpc_prefetch_0", "grpc_prefetch_2"}
+    assert all(p["exit"] == 0 and p["json"] == f"{p['part']}.json" for p in suite["parts"]), suite["parts"]
+    commands = {p["part"]: json.loads((out / f"{p['part']}.json").read_text()) for p in suite["parts"]}
+    assert all("--device" in c and c[c.index("--device") + 1] == "cpu" for c in commands.values())
+    assert commands["serving_1b"][commands["serving_1b"].index("--peak-tflops") + 1] == "1"
+
+    failed, out = _stub_suite(tmp_path, "--smoke", "--parts", "wire,memory", fail="memory")
+    assert failed.returncode == 1 and "memory: FAILED (exit 3)" in failed.stdout, failed.stdout
+    parts = json.loads((out / "suite.json").read_text())["parts"]
+    assert [(p["part"], p["exit"]) for p in parts] == [("wire", 0), ("memory", 3)]
+
+
+@pytest.fixture(scope="module")
+def smoke_commands(tmp_path_factory) -> dict[str, list[str]]:
+    """The `adpa bench` arguments of every part of `gpu_suite.sh --smoke`, as the script writes them."""
+    tmp = tmp_path_factory.mktemp("suite")
+    run, out = _stub_suite(tmp, "--smoke", "--peak-tflops", "1")
+    assert run.returncode == 0, run.stderr
+    return {part: json.loads((out / f"{part}.json").read_text()) for part in SUITE_PARTS}
+
+
+def _serving_ok(doc: dict) -> bool:
+    throughput = doc["throughput"]
+    return throughput["engine_logprobs"]["mfu"] > 0 and throughput["service_advantage"]["tflops_per_s"] > 0
+
+
+# What each part's JSON must hold.
+SMOKE_CHECKS = {
+    "serving_8b": _serving_ok,
+    "serving_1b": lambda doc: _serving_ok(doc) and doc["throughput"]["grpc_teacher_advantage"]["matches_in_process"],
+    "wire": lambda doc: {r["support"] for r in doc["wire"]} == {"topk", "indices", "sampled", "dense"},
+    "memory": lambda doc: bool(doc["points"]),
+    "overhead": lambda doc: set(doc["step_seconds"]) == {"in_process", "grpc_prefetch_0", "grpc_prefetch_2"},
+    "concurrency": lambda doc: doc["points"][0]["errors"] == 0,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("part", SUITE_PARTS)
+def test_each_gpu_suite_part_runs_on_cpu(smoke_commands, part, tmp_path):
+    """The suite's own smoke command of each part, on the CPU (the numbers mean nothing here)."""
+    argv = list(smoke_commands[part])
+    out = tmp_path / f"{part}.json"
+    argv[argv.index("--out") + 1] = str(out)
+    assert cli_main(["bench", *argv]) == 0
+    doc = json.loads(out.read_text())
+    assert SMOKE_CHECKS[part](doc), doc
 
 
 def test_demo_time_compares_every_table_value():
@@ -218,26 +279,3 @@ def test_demo_time_refuses_bad_arguments_with_a_message(tmp_path, capsys):
     (tmp_path / "other.json").write_text("[1, 2]")
     with pytest.raises(SystemExit, match="not an `adpa demo` results.json"):
         demo_time_main(["--baseline", str(tmp_path / "other.json")])
-
-
-@pytest.mark.slow
-def test_demo_time_runs_the_demo_and_finds_its_own_table_again(tmp_path):
-    """A tiny demo config, run twice by the benchmark: the second run's table equals the first's."""
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "tiny", "world": {"num_sft": 300, "num_pairs": 100, "num_validation": 10, "num_test": 20},
-        "teacher_sft": {"steps": 30, "lr": 3.0e-3}, "teacher_dpo": {"steps": 10, "lr": 1.0e-4, "options": {"beta": 0.1}},
-        "student_sft": {"steps": 20, "lr": 1.0e-2}, "steps": 6, "batch_size": 8, "torch_threads": 1, "jobs": 2,
-        "methods": {"DPO": {"method": "dpo", "grid": {"learning_rate": [1.0e-3]}},
-                    "DCKD": {"method": "dckd", "grid": {"learning_rate": [1.0e-3]}}},
-    }))
-    first = tmp_path / "first"
-    out = tmp_path / "time.json"
-    assert cli_main(["bench", "demo", "--config", str(config), "--workdir", str(first), "--out", str(out)]) == 0
-    baseline = first / "run-0" / "results.json"
-    assert cli_main(["bench", "demo", "--config", str(config), "--baseline", str(baseline), "--out", str(out)]) == 0
-    doc = json.loads(out.read_text())
-    run = doc["runs"][0]
-    assert run["jobs"] == 2 and run["wall_s"] >= run["pipeline_s"] > 0
-    assert run["table"]["identical"], run["table"]["differences"]
-    assert run["table"]["values_equal"] > 2 * 8  # 6 rows (teachers, untrained, SFT, 2 methods) and the curves

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from adpa.bench.demo_time import ROW_FIELDS
 from adpa.demo.config import DEFAULT_CONFIG, DemoConfig
 from adpa.demo.pipeline import DemoRun
 from adpa.demo.research import run_research, write_research
@@ -197,22 +198,45 @@ def test_another_world_seed_and_reward_mix_need_only_config(tmp_path):
     assert run.reward([chat, chat], ["owl red fox", "owl red fox stupid bye"]) == pytest.approx([2.0, 1.5])
 
 
+def every_method_config(jobs: int) -> dict:
+    """The smallest world that trains every method of demo/default.yaml (each grid cut to its first
+    setting; DPO keeps two learning rates, so a search with a choice runs in a worker too)."""
+    methods = {name: {**m.model_dump(), "grid": {k: v[:1] for k, v in m.grid.items()}}
+               for name, m in DemoConfig.load().methods.items()}
+    methods["DPO"]["grid"]["learning_rate"] = [3.0e-4, 1.0e-3]
+    return {"name": "tiny", "world": {"num_sft": 300, "num_pairs": 100, "num_validation": 10, "num_test": 20},
+            "teacher_sft": {"steps": 30, "lr": 3.0e-3}, "teacher_dpo": {"steps": 10, "lr": 1.0e-4, "options": {"beta": 0.1}},
+            "student_sft": {"steps": 20, "lr": 1.0e-2}, "steps": 6, "batch_size": 8, "torch_threads": 1,
+            "jobs": jobs, "methods": methods}
+
+
 @pytest.mark.slow
-def test_parallel_workers_make_the_same_table(tmp_path):
-    """`jobs: 2` (the SFT student and the teacher-free DPO beside the teachers, SeqKD as soon as the
-    teacher's weights exist, then two methods at a time, each in its own worker process) reproduces
-    `jobs: 1` bit for bit: rewards, choices, curves."""
-    small = {**SMALL, "torch_threads": 1, "teacher_sft": {**SMALL["teacher_sft"], "steps": 80},
-             "methods": {"DPO": {"method": "dpo", "grid": {"learning_rate": [3.0e-4, 1.0e-3]}},
-                         "SeqKD": {"method": "seqkd", "grid": {"learning_rate": [1.0e-3]}}, **SMALL["methods"]}}
-    results = {jobs: DemoRun(DemoConfig.model_validate({**small, "jobs": jobs}), tmp_path / f"jobs{jobs}").run()
-               for jobs in (1, 2)}
-    one, two = results[1], results[2]
-    assert list(two["methods"]) == list(one["methods"])
-    for name, row in one["methods"].items():
-        for key in ("setting", "reward_greedy", "reward_sampled", "win_rate_vs_SFT_greedy", "examples"):
-            assert two["methods"][name].get(key) == row.get(key), (name, key)
-    assert two["curves"] == one["curves"] and list(two["curves"]) == list(one["curves"])
-    assert one["methods"]["ADPA"]["validation"] == two["methods"]["ADPA"]["validation"]
-    # Its services stopped cleanly when the run ended.
-    assert "stopped" in (tmp_path / "jobs2/logs/teacher.log").read_text()
+def test_every_method_end_to_end_and_workers_reproduce_one_process(tmp_path):
+    """`adpa bench demo` runs `adpa demo` (every method, through the services) with `jobs: 1`, then with
+    `jobs: 2` against the first table: the SFT student and the teacher-free methods beside the teachers,
+    SeqKD as soon as the teacher's weights exist, two methods at a time in worker processes reproduce one
+    process bit for bit (settings, rewards, win rates, examples, every curve in the same order)."""
+    from adpa.cli import main as cli_main
+
+    workdirs = {}
+    for jobs in (1, 2):
+        config = tmp_path / f"jobs{jobs}.yaml"
+        config.write_text(yaml.safe_dump(every_method_config(jobs)))
+        workdirs[jobs] = tmp_path / f"jobs{jobs}"
+        argv = ["bench", "demo", "--config", str(config), "--workdir", str(workdirs[jobs]),
+                "--out", str(tmp_path / f"time{jobs}.json")]
+        if jobs == 2:
+            argv += ["--baseline", str(workdirs[1] / "run-0" / "results.json")]
+        assert cli_main(argv) == 0
+    one, two = (json.loads((workdirs[j] / "run-0" / "results.json").read_text()) for j in (1, 2))
+    assert set(DemoConfig.load().methods) <= set(one["methods"])
+    assert list(two["methods"]) == list(one["methods"]) and list(two["curves"]) == list(one["curves"])
+    assert one["methods"]["DPO"]["validation"] == two["methods"]["DPO"]["validation"]
+    assert len(one["methods"]["DPO"]["validation"]) == 2
+    run = json.loads((tmp_path / "time2.json").read_text())["runs"][0]
+    assert run["jobs"] == 2 and run["wall_s"] >= run["pipeline_s"] > 0
+    assert run["table"]["identical"], run["table"]["differences"]
+    # every row's fields and every curve were compared, and were equal
+    assert run["table"]["values_equal"] == len(one["methods"]) * len(ROW_FIELDS) + len(one["curves"])
+    for jobs in (1, 2):  # the services stopped cleanly when each run ended
+        assert "stopped" in (workdirs[jobs] / "run-0/logs/teacher.log").read_text()

@@ -768,7 +768,7 @@ def _advantage_request(endpoint: str, token: str, tokenizer_path: Path, **client
     assert answer.signal == "advantage" and answer.reference == info.reference and answer.model == info.model
     assert answer.values.shape == (len(ids) - p, 4) and answer.indices.shape == (len(ids) - p, 4)
     assert torch.isfinite(answer.values).all() and answer.values.abs().sum() > 0  # two different tiny models
-    return info
+    return info, answer, ([ids], [(p - 1, len(ids) - 1)])
 
 
 @pytest.mark.slow
@@ -820,9 +820,15 @@ def test_the_cpu_stack_runs_as_compose_would_run_it(tmp_path, volumes):
 
 @pytest.mark.slow
 def test_the_ray_profile_serves_the_application(tmp_path, volumes):
-    """`docker compose -f docker-compose.yml -f deploy/compose.cpu.yaml --profile ray up teacher-ray`.
-    Serve's gRPC proxy listens on every interface (services/ray/launch.py), here on a free port, with
-    the token set."""
+    """`docker compose -f docker-compose.yml -f deploy/compose.cpu.yaml --profile ray up teacher-ray`:
+    `adpa serve --ray` starts its own local Ray, answers as the service's logic does in process, and
+    exits 0 on SIGTERM. Serve's gRPC proxy listens on every interface (services/ray/launch.py), here on
+    a free port, with the token set."""
+    import torch
+
+    from adpa.protocol import SupportSpec
+    from adpa.training.teacher import LocalTeacher
+
     token = secrets.token_hex(16)
     # Ray's own files in a short private folder (test-only: a container has its own /tmp).
     ray_tmp = Path(tempfile.mkdtemp(prefix="adpa-ray-"))
@@ -832,7 +838,14 @@ def test_the_ray_profile_serves_the_application(tmp_path, volumes):
         stack.start("teacher-ray")
         stack.wait_healthy("teacher-ray", timeout=240)
         endpoint = f"grpc://127.0.0.1:{stack.host_port('teacher-ray', 'ADPA_PORT')}"
-        _advantage_request(endpoint, token, volumes / "tiny-models" / "tiny" / "student")
+        tiny = volumes / "tiny-models" / "tiny"
+        _, got, (ids, ranges) = _advantage_request(endpoint, token, tiny / "student")
+        assert "teacher" in got.replica
+        # the same answer as the service's logic in this process, on the same models (compose's BETA)
+        local = LocalTeacher.from_paths(str(tiny / "teacher"), str(tiny / "reference"), beta=0.1)
+        want = local.score(ids, ranges, signal="advantage", support=SupportSpec("topk", k=4))
+        torch.testing.assert_close(got.values, want.values, atol=2e-5, rtol=0)
+        assert torch.equal(got.indices, want.indices)
         # `docker compose stop`: the application is deleted, Ray stopped, exit 0 within stop_grace_period
         assert stack.stop("teacher-ray") == 0, stack.tail("teacher-ray")
     finally:
