@@ -10,6 +10,7 @@ with y_w and y_l) run that prefix once and continue its key/value cache (`prefix
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 from collections.abc import Callable
 
@@ -191,6 +192,8 @@ class ScoringEngine:
             for job, b, features in scored:
                 owners.append((job, b, offset, len(features)))
                 offset += len(features)
+            start = 0  # the first owner with rows at or after c0: owners are in row order, so each
+            # is visited once per chunk it overlaps (O(owners + chunks), not owners x chunks)
             for c0 in range(0, offset, self.rows_per_chunk):
                 c1 = min(c0 + self.rows_per_chunk, offset)
                 logp = self._log_softmax(picked[c0:c1])  # (c1 - c0, V), on the model's device
@@ -198,12 +201,15 @@ class ScoringEngine:
                 # Supports are taken row by row, so one call per job gives what one call per sequence
                 # gives, without the per-call overhead that dominates small requests.
                 taken: dict[Job, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-                for job, b, first, rows in owners:
+                while start < len(owners) and owners[start][2] + owners[start][3] <= c0:
+                    start += 1
+                for job, b, first, rows in itertools.islice(owners, start, None):
+                    if first >= c1:
+                        break
                     lo, hi = max(first, c0), min(first + rows, c1)
-                    if lo < hi:
-                        local, request = taken.setdefault(job, ([], []))
-                        local.append(torch.arange(lo - c0, hi - c0))
-                        request.append(torch.arange(lo - first, hi - first) + job.first_row[b])
+                    local, request = taken.setdefault(job, ([], []))
+                    local.append(torch.arange(lo - c0, hi - c0))
+                    request.append(torch.arange(lo - first, hi - first) + job.first_row[b])
                 for job, (local, request) in taken.items():
                     at = torch.cat(local)
                     first, last = int(at[0]), int(at[-1])

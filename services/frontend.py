@@ -116,7 +116,7 @@ class Frontend:
 
             started = time.perf_counter()
             try:
-                result = self.service.score(query, should_stop=should_stop, caller=caller)
+                result = self.service.score(query, should_stop=should_stop, caller=caller, deadline=deadline)
             except Cancelled:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise DeadlineExceeded("the request's deadline passed while it was being scored") from None

@@ -81,8 +81,11 @@ class ScoringService:
         if self.reference is not None:
             self.reference.close()
 
-    def score(self, query: ScoreQuery, should_stop: StopFn | None = None, caller: str = "") -> ScoreResult:
-        """Validate and answer `query`; `caller` names who asks (fairness when requests are batched)."""
+    def score(
+        self, query: ScoreQuery, should_stop: StopFn | None = None, caller: str = "", deadline: float | None = None
+    ) -> ScoreResult:
+        """Validate and answer `query`; `caller` names who asks (fairness when requests are batched);
+        `deadline` (a `time.monotonic()` instant) bounds the call to a remote reference."""
         self.validate(query)
         own = self.engine.score(query.sequences, query.ranges, query.support, should_stop, caller)
         if query.signal == "logprobs":
@@ -97,7 +100,7 @@ class ScoringService:
                 weights=own.weights,
             )
         ref_logp, ref_tail = reference_at(
-            self.reference, query.sequences, query.ranges, own.indices, should_stop, caller
+            self.reference, query.sequences, query.ranges, own.indices, should_stop, caller, deadline
         )
         extras = {}
         if query.include_logprobs:

@@ -19,6 +19,7 @@ replicas, autoscaling and resources are Serve's own per-deployment options (depl
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import grpc
@@ -27,7 +28,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from adpa import codec
-from adpa.errors import Internal, ServiceError, Unavailable
+from adpa.errors import DeadlineExceeded, Internal, ServiceError, Unavailable
 from adpa.protocol import ModelFingerprint, SupportSpec, SupportValues
 from adpa.services.config import ServeConfig
 from adpa.services.factory import build_service
@@ -85,10 +86,19 @@ class HandleReference:
         """The handshake, awaited (a replica's constructor runs on its event loop)."""
         return cls(handle, await handle.fingerprint.remote(), await handle.max_indices.remote())
 
-    def _call(self, method: str, *args, timeout_s: float | None = None):
+    def _call(self, method: str, *args, timeout_s: float | None = None, deadline: float | None = None):
+        """`deadline`: the caller's `time.monotonic()` instant; the call waits no longer than what is
+        left of it, and missing it is DEADLINE_EXCEEDED (not UNAVAILABLE, which callers retry)."""
+        wait = timeout_s or self.timeout_s
+        if deadline is not None:
+            wait = min(wait, deadline - time.monotonic())
+            if wait <= 0:
+                raise DeadlineExceeded(f"the request's deadline passed before the reference was asked ({method})")
         try:
-            return getattr(self.handle, method).remote(*args).result(timeout_s=timeout_s or self.timeout_s)
+            return getattr(self.handle, method).remote(*args).result(timeout_s=wait)
         except TimeoutError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"the reference did not answer {method} within the request's deadline") from None
             raise Unavailable(f"reference deployment did not answer {method} in time") from None
         except ServiceError:
             raise
@@ -96,8 +106,8 @@ class HandleReference:
             logger.warning("reference deployment failed on %s: %r", method, err)
             raise Internal(f"reference deployment failed ({type(err).__name__})") from None
 
-    def score(self, sequences, ranges, support, should_stop=None, caller="") -> SupportValues:
-        return self._call("score", sequences, ranges, support, caller)
+    def score(self, sequences, ranges, support, should_stop=None, caller="", deadline=None) -> SupportValues:
+        return self._call("score", sequences, ranges, support, caller, deadline=deadline)
 
     def max_indices(self) -> int:
         return self._max_indices
