@@ -64,7 +64,9 @@ class ScoringEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]  # rows, padding included
+        # The real ids: signals live on [0, shared_vocab); rows above it are padding (see ModelFingerprint).
+        self.shared_vocab = min(len(tokenizer), self.vocab_size)
         self.max_batch_tokens = max_batch_tokens
         self.rows_per_chunk = max(1, logits_budget_bytes // (4 * self.vocab_size))
         self.max_seq_len = max_seq_len or getattr(model.config, "max_position_embeddings", None) or 2048
@@ -76,6 +78,7 @@ class ScoringEngine:
             vocab_size=self.vocab_size,
             dtype=str(model.dtype).removeprefix("torch."),
             max_seq_len=self.max_seq_len,
+            tokenizer_size=len(tokenizer),
         )
         self._head_only = self._head_path_matches()
         # transformers renamed `past_key_values` to `cache` (5.2x): use the model's spelling.
@@ -267,7 +270,7 @@ class ScoringEngine:
         their sequence); `should_stop` is polled between micro-batches; `caller` identifies who
         asks, for fairness when requests of several callers are batched together.
         """
-        request = _Request(sum(end - start for start, end in ranges), support)
+        request = _Request(sum(end - start for start, end in ranges), support, self.shared_vocab)
         groups = shared_prefix_groups(sequences, self.min_shared_prefix) if self.min_shared_prefix else []
         self.scheduler.run(Job(sequences, ranges, request.add, should_stop, caller, groups))
         return request.assemble()
@@ -276,9 +279,10 @@ class ScoringEngine:
 class _Request:
     """One scoring request's rows: the support is taken as chunks of its rows arrive."""
 
-    def __init__(self, num_rows: int, support: SupportSpec):
+    def __init__(self, num_rows: int, support: SupportSpec, vocab: int):
         self.support = support
         self.num_rows = num_rows
+        self.vocab = vocab  # support ids stay below it (padding rows never returned)
         self.uniforms = None
         if support.kind == "sampled":
             # Drawn up front in request order: the draws don't depend on batching or chunking.
@@ -293,15 +297,15 @@ class _Request:
         The support is taken where `logp` is (the GPU, when the model is there): only the
         (rows, width) answer comes back to host memory, never the (rows, V) block.
         """
-        support, device = self.support, logp.device
+        support, device, vocab = self.support, logp.device, self.vocab
         if support.kind == "topk":
-            out = sparse.topk(logp, support.k)
+            out = sparse.topk(logp, support.k, vocab)
         elif support.kind == "indices":
-            out = sparse.union_with_topk(logp, support.indices[rows].to(device), support.k)
+            out = sparse.union_with_topk(logp, support.indices[rows].to(device), support.k, vocab)
         elif support.kind == "sampled":
-            out = sparse.sample(logp, self.uniforms[rows].to(device), support.temperature)
+            out = sparse.sample(logp, self.uniforms[rows].to(device), support.temperature, vocab)
         elif support.kind == "dense":
-            out = (logp,)
+            out = (logp[:, :vocab],)  # normalised over every row, returned on the real ids
         else:
             raise ValueError(f"unknown support kind {support.kind!r}")
         self.parts.append((rows, tuple(t.cpu() for t in out)))
