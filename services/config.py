@@ -17,6 +17,14 @@ class ServeConfig(AdpaSettings):
         description="teacher: serves pi_dpo log-probs and advantages; reference: serves pi_ref log-probs"
     )
     model: str = Field(description="model to serve: a local folder or a hub id")
+    served_model_name: str | None = Field(
+        None, description="the name callers see (answers' model_name, /v1/info, the adpa_model_info metric, logs), "
+        "as vLLM's flag; default: model as given. The path stays in this server's own log only"
+    )
+    reference_served_model_name: str | None = Field(
+        None, description="teacher with a reference model in process (or a Ray reference deployment): the name its "
+        "fingerprint carries; default: reference as given"
+    )
     reference: str | None = Field(
         None,
         description="teacher only: the reference model, as a local folder / hub id (loaded in this process) "

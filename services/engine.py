@@ -99,9 +99,11 @@ class ScoringEngine:
         dtype: str = "auto",
         revision: str | None = None,
         trust_remote_code: bool = False,
+        served_name: str | None = None,
         **kwargs,
     ) -> ScoringEngine:
-        """Load a model and its tokenizer (local folder, or hub id where a hub is reachable)."""
+        """Load a model and its tokenizer (local folder, or hub id where a hub is reachable);
+        `served_name` is the name its fingerprint carries (default: `name_or_path`)."""
         dev = resolve_device(device)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
@@ -113,7 +115,8 @@ class ScoringEngine:
             name_or_path, revision=revision, trust_remote_code=trust_remote_code
         )
         commit = getattr(model.config, "_commit_hash", None) or revision
-        return cls(model, tokenizer, name=name_or_path, model_hash=model_fingerprint(name_or_path, commit), **kwargs)
+        return cls(model, tokenizer, name=served_name or name_or_path, model_hash=model_fingerprint(name_or_path, commit),
+                   **kwargs)
 
     # -- the forward --------------------------------------------------------------------------
 

@@ -204,3 +204,26 @@ def test_a_different_tokenizer_is_refused_in_one_line_with_exit_code_2(tmp_path,
         capture_output=True, text=True, env=env, timeout=300,
     )
     _one_line_refusal(train, ours, theirs)
+
+
+def test_served_model_name_in_answers_info_and_metrics(real, tokenizer):
+    from fastapi.testclient import TestClient
+
+    from adpa.protocol import ScoreQuery
+    from adpa.services.config import ServeConfig
+    from adpa.services.factory import build_service
+    from adpa.services.frontend import Frontend
+    from adpa.services.http.app import create_app
+
+    config = ServeConfig(role="teacher", model=str(real["teacher_padded"]), reference=str(real["reference"]),
+                         device="cpu", served_model_name="qwen-mini-dpo", reference_served_model_name="qwen-mini-sft")
+    frontend = Frontend(build_service(config))
+    sequences, ranges = _sequences(tokenizer)
+    result = frontend.score(ScoreQuery(sequences, ranges, "advantage", SupportSpec("topk", k=4)))
+    assert (result.model.model_name, result.reference.model_name) == ("qwen-mini-dpo", "qwen-mini-sft")
+    http = TestClient(create_app(frontend))
+    info = http.get("/v1/info").json()
+    assert info["model"]["model_name"] == "qwen-mini-dpo" and info["reference"]["model_name"] == "qwen-mini-sft"
+    metrics = http.get("/metrics").text
+    assert 'adpa_model_info{' in metrics and 'model_name="qwen-mini-dpo"' in metrics
+    assert str(real["teacher_padded"]) not in json.dumps(info) + metrics  # the path stays in the server's log

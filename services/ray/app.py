@@ -209,5 +209,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     teacher = Teacher.options(**options(config.ray_replicas))
     if config.remote_reference or config.ray_colocate_reference:  # no reference deployment
         return teacher.bind(args)
-    reference_args = {**{k: v for k, v in args.items() if k != "reference"}, **overrides, "model": config.reference}
+    # The teacher's own name is not the reference's (reference_served_model_name names that one).
+    reference_args = {**{k: v for k, v in args.items() if k not in ("reference", "served_model_name")}, **overrides,
+                      "model": config.reference}
     return teacher.bind(args, Reference.options(**options(config.ray_reference_replicas)).bind(reference_args))
