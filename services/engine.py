@@ -63,7 +63,9 @@ class ScoringEngine:
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
+        # Inputs go where the input embeddings are: with a device map the model spans devices, and
+        # accelerate's hooks move activations between them (and to the output head) from there.
+        self.device = model.get_input_embeddings().weight.device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]  # rows, padding included
         # The real ids: signals live on [0, shared_vocab); rows above it are padding (see ModelFingerprint).
         self.shared_vocab = min(len(tokenizer), self.vocab_size)
@@ -100,17 +102,30 @@ class ScoringEngine:
         revision: str | None = None,
         trust_remote_code: bool = False,
         served_name: str | None = None,
+        device_map: str | dict | None = None,
+        max_memory: dict | None = None,
+        attn_implementation: str = "sdpa",
         **kwargs,
     ) -> ScoringEngine:
         """Load a model and its tokenizer (local folder, or hub id where a hub is reachable);
-        `served_name` is the name its fingerprint carries (default: `name_or_path`)."""
-        dev = resolve_device(device)
+        `served_name` is the name its fingerprint carries (default: `name_or_path`).
+
+        With `device_map` (and optionally `max_memory`) accelerate places the layers over several
+        devices as it loads them (a model larger than one GPU); without it the model goes to `device`.
+        """
+        on_gpu = device_map not in (None, "cpu") and torch.cuda.is_available()
+        dev = torch.device("cuda") if on_gpu else resolve_device("cpu" if device_map == "cpu" else device)
+        placement = {"device_map": device_map, "max_memory": max_memory} if device_map is not None else {}
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
             dtype=resolve_dtype(dtype, dev),
             revision=revision,
             trust_remote_code=trust_remote_code,
-        ).to(dev)
+            attn_implementation=attn_implementation,
+            **placement,
+        )
+        if device_map is None:
+            model = model.to(dev)
         tokenizer = AutoTokenizer.from_pretrained(
             name_or_path, revision=revision, trust_remote_code=trust_remote_code
         )

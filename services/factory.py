@@ -26,6 +26,9 @@ def load_engine(config: ServeConfig, model: str, served_name: str | None = None)
     return ScoringEngine.from_pretrained(
         model,
         served_name=served_name,
+        device_map=config.device_map_arg(),
+        max_memory=config.max_memory_arg(),
+        attn_implementation=config.attn_implementation,
         device=config.device,
         dtype=config.dtype,
         revision=config.revision,

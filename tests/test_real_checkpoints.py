@@ -227,3 +227,30 @@ def test_served_model_name_in_answers_info_and_metrics(real, tokenizer):
     metrics = http.get("/metrics").text
     assert 'adpa_model_info{' in metrics and 'model_name="qwen-mini-dpo"' in metrics
     assert str(real["teacher_padded"]) not in json.dumps(info) + metrics  # the path stays in the server's log
+
+
+def test_device_map_cpu_and_eager_attention_give_the_sdpa_answer(real, tokenizer):
+    from adpa.cli import build_parser
+    from adpa.config import settings_from_args
+    from adpa.services.config import ServeConfig
+    from adpa.services.factory import load_engine
+
+    argv = ["serve", "--role", "reference", "--model", str(real["teacher_padded"]), "--device-map", "cpu",
+            "--max-memory", "cpu=4GiB", "--attn-implementation", "eager"]
+    mapped = settings_from_args(ServeConfig, build_parser().parse_args(argv))
+    assert (mapped.device_map_arg(), mapped.max_memory_arg()) == ("cpu", {"cpu": "4GiB"})
+    plain = ServeConfig(role="reference", model=str(real["teacher_padded"]), device="cpu")
+    engines = [load_engine(c, c.model) for c in (plain, mapped)]
+    assert engines[1].model.config._attn_implementation == "eager"
+    assert engines[1].device.type == "cpu"
+    sequences, ranges = _sequences(tokenizer)
+    sdpa, eager = (e.score(sequences, ranges, SupportSpec("dense")).logprobs for e in engines)
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("value, message", [("0=70GiB,gpu=1", "must be a GPU id"), ("{bad", "not valid JSON")])
+def test_a_bad_max_memory_is_refused_with_its_value(value, message):
+    from adpa.services.config import ServeConfig
+
+    with pytest.raises(ValueError, match=message):
+        ServeConfig(role="reference", model="m", device_map="auto", max_memory=value)

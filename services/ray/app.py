@@ -49,6 +49,14 @@ def _replica_id() -> str:
     return serve.get_replica_context().replica_id.to_full_id_str()
 
 
+def spread_over_gpus(settings: ServeConfig) -> ServeConfig:
+    """A replica given several GPUs (ray_gpus_per_replica > 1) spans them with device_map=auto unless
+    a device map is set: Ray makes exactly those GPUs visible to it."""
+    if settings.ray_gpus_per_replica > 1 and settings.device_map is None:
+        return settings.model_copy(update={"device_map": "auto"})
+    return settings
+
+
 @serve.deployment(name="reference", max_ongoing_requests=32)
 class Reference:
     """pi_ref: log-probs at the ids a teacher asks for. Requests of all teacher replicas share
@@ -56,7 +64,7 @@ class Reference:
 
     def __init__(self, config: dict[str, Any]):
         # reference="" overrides an ADPA_REFERENCE in the environment (meant for the teacher).
-        self.service = build_service(ServeConfig.load(**{**config, "role": "reference", "reference": ""}))
+        self.service = build_service(spread_over_gpus(ServeConfig.load(**{**config, "role": "reference", "reference": ""})))
 
     def fingerprint(self) -> ModelFingerprint:
         return self.service.engine.fingerprint
@@ -129,7 +137,7 @@ class Teacher:
     """pi_dpo behind the adpa.v1 contract: the ingress of the application."""
 
     async def __init__(self, config: dict[str, Any], reference: DeploymentHandle | None = None):
-        settings = ServeConfig.load(**{**config, "role": "teacher"})
+        settings = spread_over_gpus(ServeConfig.load(**{**config, "role": "teacher"}))
         handle_reference = await HandleReference.connect(reference) if reference is not None else None
         self.service = build_service(settings, handle_reference)
         self.frontend = Frontend(self.service, max_inflight=settings.max_inflight, replica=_replica_id())
