@@ -26,6 +26,18 @@ class ModelFingerprint:
     vocab_size: int
     dtype: str
     max_seq_len: int
+    tokenizer_size: int = 0  # len(tokenizer); 0 = not reported (read as vocab_size)
+
+    @property
+    def shared_vocab(self) -> int:
+        """The ids signals live on: [0, min(tokenizer length, output rows)).
+
+        A padded embedding matrix (Qwen2.5-7B: 152,064 rows for a 151,665-token tokenizer) has rows
+        no token id points to; they are scored (their mass is in every log-softmax's normaliser
+        and in the tail) but never returned as support ids, so models that differ only in padding
+        exchange signals on the same ids.
+        """
+        return min(self.tokenizer_size, self.vocab_size) if self.tokenizer_size else self.vocab_size
 
 
 @dataclass(frozen=True)

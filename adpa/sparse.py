@@ -3,6 +3,10 @@
 Shared by the scoring engine (which builds supports) and the training losses (which read them),
 so a tail bucket means the same thing on both sides. Every function takes `logp` of shape
 (P, V): log pi(. | s_i) for P scored positions, normalised over the full vocabulary. Index tensors use -1 as padding; values at pads are 0.
+
+`vocab` (where taken) keeps support ids below it: the tokenizer's real ids, when the model's
+output has padding rows above them (`V > vocab`). Those rows stay in the normaliser and their mass
+in the tail bucket, so the tail is always 1 - sum over the returned ids.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ def log_tail_mass(logp: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return outside.logsumexp(-1).masked_fill(empty, float("-inf"))
 
 
-def topk(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The k most probable tokens per row (descending), their log-probs, and the log tail mass."""
-    values, indices = logp.topk(k, dim=-1)
+def topk(logp: torch.Tensor, k: int, vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k most probable tokens per row among ids < vocab (descending), their log-probs, and the
+    log tail mass (padding rows included)."""
+    values, indices = logp[:, :vocab].topk(k, dim=-1)
     return indices, values, log_tail_mass(logp, indices)
 
 
@@ -62,29 +67,37 @@ def sorted_union(a: torch.Tensor, b: torch.Tensor, vocab_size: int) -> torch.Ten
 
 
 def union_with_topk(
-    logp: torch.Tensor, requested: torch.Tensor, k: int
+    logp: torch.Tensor, requested: torch.Tensor, k: int, vocab: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Support = requested indices of each row united with the model's top-k (k may be 0).
+    """Support = requested indices of each row united with the model's top-k among ids < vocab
+    (k may be 0).
 
     Returns (indices ascending, -1 padded; their log-probs; log tail mass).
     """
-    extra = logp.topk(k, dim=-1).indices if k > 0 else requested[:, :0]
+    extra = logp[:, :vocab].topk(k, dim=-1).indices if k > 0 else requested[:, :0]
     indices = sorted_union(requested, extra, logp.shape[-1])
     return indices, gather(logp, indices), log_tail_mass(logp, indices)
 
 
 def sample(
-    logp: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0
+    logp: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0, vocab: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw n tokens per row from the proposal q ∝ pi^(1/T) by inverse CDF of `uniforms` (P, n).
+    """Draw n tokens per row from the proposal q ∝ pi^(1/T) on ids < vocab by inverse CDF of
+    `uniforms` (P, n).
 
     Returns (indices, log pi at them, importance weights w = pi(a) / (n q(a))), so that
     sum_j w[i, j] f(indices[i, j]) is an unbiased estimate of sum_a pi(a | s_i) f(a).
     Drawing from given uniforms keeps the draws independent of how positions are chunked. The
     CDF is accumulated in float64: in float32 the running sum stops growing long before the end
     of a large vocabulary (at T = 0.5 and V = 128k, a fifth of pi's mass could never be drawn).
+    With padding rows cut off (`vocab < V`) the estimate is of sum_{a < vocab} pi(a) f(a): q is
+    normalised over the real ids, while the values stay pi's own log-probs.
     """
-    log_q = logp if temperature == 1.0 else (logp / temperature).log_softmax(-1)
+    if vocab is not None and vocab < logp.shape[-1]:
+        logp = logp[:, :vocab]
+        log_q = (logp / temperature).log_softmax(-1)
+    else:
+        log_q = logp if temperature == 1.0 else (logp / temperature).log_softmax(-1)
     cdf = log_q.double().exp().cumsum(-1)
     cdf = cdf / cdf[:, -1:]  # guard against round-off leaving the last bucket short of 1
     indices = torch.searchsorted(cdf, uniforms.double().contiguous(), right=True).clamp(max=logp.shape[-1] - 1)

@@ -97,3 +97,80 @@ def make_tiny_model(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# -- real-shaped checkpoints: a byte-level BPE tokenizer and a Qwen2 model -----------------------
+
+REAL_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Qwen2.5's template, without tools: what `apply_chat_template` of a hub checkpoint runs.
+REAL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_bpe_tokenizer(vocab_size: int = 1000) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained offline on the built-in words and chat lines, with chat
+    special tokens and a Qwen-style chat template: the shape of a hub tokenizer, small."""
+    from tokenizers import decoders, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=REAL_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    words = list(DEFAULT_WORDS)
+    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+    corpus += ["system user assistant You are a helpful assistant.", "Sort these items, then say thanks."]
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=REAL_SPECIAL_TOKENS[1:],
+    )
+    tokenizer.chat_template = REAL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_real_shaped_model(
+    out_dir: str | Path,
+    *,
+    pad_vocab_to: int | None = None,
+    layers: int = 2,
+    hidden: int = 32,
+    heads: int = 4,
+    seed: int = 0,
+    init_std: float = 0.2,
+) -> Path:
+    """Save a random-init `Qwen2ForCausalLM` with a byte-level BPE tokenizer (`build_bpe_tokenizer`)
+    to `out_dir`; return the path.
+
+    `pad_vocab_to`: pad the embedding matrix as large checkpoints do (Qwen2.5-7B: 152,064 rows for
+    151,665 tokens) with `resize_token_embeddings(len(tokenizer) + 64, pad_to_multiple_of=pad_vocab_to)`;
+    the rows above len(tokenizer) are ids no token has. The same seed gives the same real rows with
+    or without padding.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_bpe_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=256,
+        initializer_range=init_std, tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    if pad_vocab_to:
+        model.resize_token_embeddings(len(tokenizer) + 64, pad_to_multiple_of=pad_vocab_to)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -11,7 +11,7 @@
 #   --smoke           CPU run of every part with the tiny preset (checks the plumbing; no number means anything)
 #   --dry-run         print the GPU run's commands and timeouts without checking for a GPU or running them
 #   --parts LIST      comma-separated subset of: serving_8b wire serving_1b memory overhead concurrency
-#                     concurrency_ray
+#                     concurrency_ray device_map
 #   --models DIR      checkpoint cache for the saved 1B-like pair (default: $TMPDIR/adpa-bench-models; ~6 GB)
 #   --budget-s S      wall-clock budget for the whole suite (default 450): each part's timeout is cut to what
 #                     is left, and a part that would start with under 30 s left is skipped
@@ -28,6 +28,8 @@
 #   concurrency  ~60 s  (timeout 150) 1 and 8 trainers, batching off and on, `adpa serve` (1B-like)
 #   concurrency_ray ~70 s (timeout 150) the same through Ray Serve, batching on (skipped where ray is not
 #                                     installed; a part of its own, so a Ray that hangs costs only its timeout)
+#   device_map   ~40 s  (timeout  90) one model over 2 GPUs (device_map=auto, GPU 0 capped) against the same
+#                                     model on one GPU: dense fp32 log-probs and top-k ids (skipped with < 2 GPUs)
 # Total ~7.4 min; the budget stops the suite before 8. Output: OUT_DIR/<part>.json, OUT_DIR/<part>.log (the table and any error) and
 # OUT_DIR/suite.json (machine, versions, each part's command, exit status and seconds). The script exits 1
 # if a part failed, timed out or was skipped for want of time, 2 if it cannot start. --smoke runs every part
@@ -37,7 +39,7 @@ set -euo pipefail
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 die() { echo "gpu_suite: $*" >&2; exit 2; }
 
-SMOKE=0 DRY=0 PEAK="" PARTS="serving_8b,wire,serving_1b,memory,overhead,concurrency,concurrency_ray" BUDGET=450
+SMOKE=0 DRY=0 PEAK="" PARTS="serving_8b,wire,serving_1b,memory,overhead,concurrency,concurrency_ray,device_map" BUDGET=450
 MODELS="${TMPDIR:-/tmp}/adpa-bench-models" OUT=""
 while (($#)); do
   case "$1" in
@@ -55,7 +57,7 @@ while (($#)); do
 done
 [[ -n "$OUT" ]] || { usage >&2; die "OUT_DIR is required"; }
 for part in ${PARTS//,/ }; do
-  case "$part" in serving_8b|wire|serving_1b|memory|overhead|concurrency|concurrency_ray) ;;
+  case "$part" in serving_8b|wire|serving_1b|memory|overhead|concurrency|concurrency_ray|device_map) ;;
     *) die "unknown part $part" ;; esac
 done
 
@@ -197,6 +199,13 @@ else
       --modes ray --batching on --trainers 1,8 --duration 2 --warmup 0.5 --out "$OUT/concurrency_ray.json"
   else
     skip_part concurrency_ray "ray is not installed for $PY"
+  fi
+  GPUS=$( ((DRY)) && echo 2 || "$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  if ((GPUS >= 2)); then
+    run_part device_map 90 "${BENCH[@]}" device_map --device cuda:0 --device-map auto --dtype float32 \
+      --out "$OUT/device_map.json"
+  else
+    skip_part device_map "needs 2 GPUs, $PY sees $GPUS"
   fi
 fi
 

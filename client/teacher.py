@@ -9,6 +9,7 @@ process.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -20,6 +21,9 @@ from transformers import PreTrainedTokenizerBase
 
 from adpa.fingerprint import tokenizer_fingerprint
 from adpa.protocol import ModelInfo, ScoreQuery, ScoreResult, SignalName, SupportSpec, answer_bytes_per_position
+
+
+logger = logging.getLogger(__name__)
 
 
 class IncompatibleTeacher(RuntimeError):
@@ -34,15 +38,24 @@ class TeacherChanged(RuntimeError):
 def check_compatible(
     info: ModelInfo, tokenizer: PreTrainedTokenizerBase, vocab_size: int | None = None, where: str = ""
 ) -> ModelInfo:
-    """Raise IncompatibleTeacher unless the student's tokenizer and vocab size match the teacher's."""
+    """Raise IncompatibleTeacher unless the student's tokenizer is the teacher's.
+
+    The tokenizer decides, not the output sizes: the teacher's signals live on the shared real ids
+    [0, `info.model.shared_vocab`), and a student whose logits are wider (padding rows) or
+    narrower than the teacher's trains on that range. `vocab_size` is the student model's output
+    size (default len(tokenizer)); it must cover the shared range.
+    """
     ours = tokenizer_fingerprint(tokenizer)
     vocab = vocab_size if vocab_size is not None else len(tokenizer)
-    if ours != info.model.tokenizer_hash or vocab != info.model.vocab_size:
+    model = info.model
+    if ours != model.tokenizer_hash or vocab < model.shared_vocab:
         raise IncompatibleTeacher(
-            f"teacher {info.model.model_name}{where} has tokenizer {info.model.tokenizer_hash} "
-            f"and vocab size {info.model.vocab_size}; the student has tokenizer {ours} and vocab size {vocab}. "
-            "Signals are per token id, so both must use the same tokenizer."
+            f"teacher {model.model_name}{where} has tokenizer {model.tokenizer_hash} ({model.tokenizer_size} tokens, "
+            f"vocab size {model.vocab_size}); the student has tokenizer {ours} ({len(tokenizer)} tokens, vocab size "
+            f"{vocab}). Signals are per token id, so both must use the same tokenizer."
         )
+    logger.info("teacher %s%s: tokenizer %s, teacher vocab %d, student vocab %d, signals on the shared %d ids",
+                model.model_name, where, ours, model.vocab_size, vocab, model.shared_vocab)
     return info
 
 
@@ -146,7 +159,7 @@ class Teacher(ABC):
     ) -> Iterator[tuple[int, int]]:
         """Yield [lo, hi) slices of the batch whose requests and answers fit the limits."""
         limits = info.limits
-        per_position = answer_bytes_per_position(support, value_dtype, info.model.vocab_size, include_logprobs)
+        per_position = answer_bytes_per_position(support, value_dtype, info.model.shared_vocab, include_logprobs)
         per_position += 4 * (support.indices.shape[1] if support.indices is not None else 0) + 16  # request + framing
         budget = int(0.8 * min(limits.max_message_bytes, self.max_message_bytes))
         max_positions = limits.max_dense_positions if support.kind == "dense" else limits.max_positions

@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -71,8 +72,9 @@ class Item:
     def rows(self) -> int:
         return len(self.indices)
 
-    @property
+    @cached_property
     def width(self) -> int:
+        # Cached: the planner reads it once per item, but tests and observers read it again.
         return max(len(self.job.sequences[b]) for b in self.indices)
 
 
@@ -86,6 +88,27 @@ def padded_tokens(items: list[Item]) -> int:
     return sum(item.rows for item in items) * max(item.width for item in items)
 
 
+class GroupSize:
+    """`padded_tokens` of a growing micro-batch, kept as running sums: rows and the widest item.
+
+    `with_item(item)` = (rows + item.rows) * max(width, item.width) is O(1), so planning n items
+    costs O(n) (recomputing `padded_tokens([*group, item])` per item made it O(n^2)).
+    """
+
+    __slots__ = ("rows", "width")
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.width = 0
+
+    def with_item(self, item: Item) -> int:
+        return (self.rows + item.rows) * max(self.width, item.width)
+
+    def add(self, item: Item) -> None:
+        self.rows += item.rows
+        self.width = max(self.width, item.width)
+
+
 def longest_first(job: Job) -> list[Item]:
     """The job's items (its shared-prefix groups, then one per remaining sequence), widest first."""
     grouped = {b for indices, _ in job.groups for b in indices}
@@ -97,11 +120,13 @@ def longest_first(job: Job) -> list[Item]:
 def plan_micro_batches(items: list[Item], max_batch_tokens: int) -> Iterator[list[Item]]:
     """Consecutive groups of `items` within max_batch_tokens padded tokens (a larger item alone)."""
     group: list[Item] = []
+    size = GroupSize()
     for item in items:
-        if group and padded_tokens([*group, item]) > max_batch_tokens:
+        if group and size.with_item(item) > max_batch_tokens:
             yield group
-            group = []
+            group, size = [], GroupSize()
         group.append(item)
+        size.add(item)
     if group:
         yield group
 
@@ -182,10 +207,20 @@ class Scheduler:
         """Hold a micro-batch that is not full for up to wait_s, so more requests can join it."""
         deadline = time.monotonic() + self.wait_s
         while (remaining := deadline - time.monotonic()) > 0:
-            queued = [item for q in self._queues.values() for item in q]
-            if padded_tokens(queued) >= self.max_batch_tokens:
+            if self._queued_fill_a_batch():
                 return
             self._cond.wait(remaining)
+
+    def _queued_fill_a_batch(self) -> bool:
+        """Whether the queued items add up to max_batch_tokens padded tokens; reads only as many
+        items as that takes (one micro-batch), not every queued one."""
+        size = GroupSize()
+        for queue in self._queues.values():
+            for item in queue:
+                size.add(item)
+                if size.rows * size.width >= self.max_batch_tokens:
+                    return True
+        return False
 
     def _take_group(self) -> list[Item]:
         """One micro-batch, one sequence per caller per turn, within max_batch_tokens padded tokens."""
@@ -195,6 +230,7 @@ class Scheduler:
         start = next(self._turn) % len(callers)
         order = callers[start:] + callers[:start]
         group: list[Item] = []
+        size = GroupSize()
         while True:
             took = False
             for caller in order:
@@ -202,9 +238,10 @@ class Scheduler:
                 self._drop_stopped(queue)
                 if not queue:
                     continue
-                if group and padded_tokens([*group, queue[0]]) > self.max_batch_tokens:
+                if group and size.with_item(queue[0]) > self.max_batch_tokens:
                     return group
                 group.append(queue.popleft())
+                size.add(group[-1])
                 took = True
             if not took:
                 for caller in [c for c, q in self._queues.items() if not q]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from adpa.config import AdpaSettings
 from adpa.protocol import Limits
@@ -17,6 +18,14 @@ class ServeConfig(AdpaSettings):
         description="teacher: serves pi_dpo log-probs and advantages; reference: serves pi_ref log-probs"
     )
     model: str = Field(description="model to serve: a local folder or a hub id")
+    served_model_name: str | None = Field(
+        None, description="the name callers see (answers' model_name, /v1/info, the adpa_model_info metric, logs), "
+        "as vLLM's flag; default: model as given. The path stays in this server's own log only"
+    )
+    reference_served_model_name: str | None = Field(
+        None, description="teacher with a reference model in process (or a Ray reference deployment): the name its "
+        "fingerprint carries; default: reference as given"
+    )
     reference: str | None = Field(
         None,
         description="teacher only: the reference model, as a local folder / hub id (loaded in this process) "
@@ -26,7 +35,19 @@ class ServeConfig(AdpaSettings):
     host: str = Field("127.0.0.1", description="address to bind; use 0.0.0.0 to serve other machines")
     port: int = Field(50051, description="gRPC port")
     http_port: int = Field(8080, description="HTTP port (health, readiness, info, metrics, JSON scoring); 0 = off")
-    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, ...")
+    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, ... (ignored with device_map)")
+    device_map: str | None = Field(
+        None, description="spread one model over several devices (accelerate's big-model loading): auto, balanced, "
+        "balanced_low_0, sequential, cpu, or a JSON map of module names to devices; a Ray replica with "
+        "ray_gpus_per_replica > 1 uses auto when this is unset"
+    )
+    max_memory: str | None = Field(
+        None, description="with device_map: memory per device, as JSON {\"0\": \"70GiB\", \"cpu\": \"100GiB\"} or "
+        "0=70GiB,1=70GiB,cpu=100GiB"
+    )
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa", description="attention kernels passed to from_pretrained (flash_attention_2 needs the flash-attn package)"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype (auto: bfloat16 on GPU, float32 on CPU); log-softmax is always fp32"
     )
@@ -91,6 +112,12 @@ class ServeConfig(AdpaSettings):
     ray_gpus_per_replica: float = Field(0.0, description="with ray: GPUs reserved by each replica (e.g. 1, or 0.5 to pack two)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
+    @field_validator("device_map", "max_memory", mode="before")
+    @classmethod
+    def _mapping_as_text(cls, value: Any) -> Any:
+        """A YAML mapping is kept as its JSON text: one form for flags, YAML and environment."""
+        return json.dumps(value) if isinstance(value, dict) else value
+
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
         if self.role == "teacher" and not self.reference:
@@ -108,10 +135,29 @@ class ServeConfig(AdpaSettings):
                              f"{self.http_max_body_mb}")
         if self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        self.device_map_arg()  # a bad map or memory spec is refused at start, with the value in the message
+        self.max_memory_arg()
+        if self.max_memory and not self.device_map:
+            raise ValueError(f"max_memory={self.max_memory!r} needs device_map (e.g. auto)")
         if self.ray_replicas < 1 or self.ray_reference_replicas < 1:
             raise ValueError(f"ray_replicas and ray_reference_replicas must be >= 1, got {self.ray_replicas}, "
                              f"{self.ray_reference_replicas}")
         return self
+
+    def device_map_arg(self) -> str | dict[str, int | str] | None:
+        """`device_map` as from_pretrained takes it: a strategy name, or the parsed JSON map."""
+        value = self.device_map
+        if value is None or not value.lstrip().startswith("{"):
+            return value
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"device_map {value!r} is not valid JSON: {err}") from None
+        return {str(k): v for k, v in parsed.items()}
+
+    def max_memory_arg(self) -> dict[int | str, str] | None:
+        """`max_memory` as from_pretrained takes it: {0: "70GiB", "cpu": "100GiB"} (GPU ids as ints)."""
+        return parse_max_memory(self.max_memory) if self.max_memory else None
 
     @property
     def remote_reference(self) -> bool:
@@ -124,3 +170,26 @@ class ServeConfig(AdpaSettings):
     def limits(self) -> Limits:
         """The limits announced in the handshake: the fields (and property) of the same names."""
         return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """'0=70GiB,1=70GiB,cpu=100GiB' or '{"0": "70GiB", "cpu": "100GiB"}' -> {0: '70GiB', 1: '70GiB', 'cpu': '100GiB'}.
+
+    Accelerate reads GPU ids as ints and "cpu" / "disk" as names.
+    """
+    if text.lstrip().startswith("{"):
+        try:
+            pairs = list(json.loads(text).items())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"max_memory {text!r} is not valid JSON: {err}") from None
+    else:
+        pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"max_memory {text!r}: expected DEVICE=SIZE pairs like 0=70GiB,cpu=100GiB")
+    out: dict[int | str, str] = {}
+    for device, size in pairs:
+        device = str(device).strip()
+        if not (device.isdigit() or device in ("cpu", "disk", "mps")):
+            raise ValueError(f"max_memory {text!r}: device {device!r} must be a GPU id, cpu or disk")
+        out[int(device) if device.isdigit() else device] = str(size).strip()
+    return out

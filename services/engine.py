@@ -10,6 +10,7 @@ with y_w and y_l) run that prefix once and continue its key/value cache (`prefix
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 from collections.abc import Callable
 
@@ -62,8 +63,12 @@ class ScoringEngine:
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        # Inputs go where the input embeddings are: with a device map the model spans devices, and
+        # accelerate's hooks move activations between them (and to the output head) from there.
+        self.device = model.get_input_embeddings().weight.device
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]  # rows, padding included
+        # The real ids: signals live on [0, shared_vocab); rows above it are padding (see ModelFingerprint).
+        self.shared_vocab = min(len(tokenizer), self.vocab_size)
         self.max_batch_tokens = max_batch_tokens
         self.rows_per_chunk = max(1, logits_budget_bytes // (4 * self.vocab_size))
         self.max_seq_len = max_seq_len or getattr(model.config, "max_position_embeddings", None) or 2048
@@ -75,6 +80,7 @@ class ScoringEngine:
             vocab_size=self.vocab_size,
             dtype=str(model.dtype).removeprefix("torch."),
             max_seq_len=self.max_seq_len,
+            tokenizer_size=len(tokenizer),
         )
         self._head_only = self._head_path_matches()
         # transformers renamed `past_key_values` to `cache` (5.2x): use the model's spelling.
@@ -95,21 +101,37 @@ class ScoringEngine:
         dtype: str = "auto",
         revision: str | None = None,
         trust_remote_code: bool = False,
+        served_name: str | None = None,
+        device_map: str | dict | None = None,
+        max_memory: dict | None = None,
+        attn_implementation: str = "sdpa",
         **kwargs,
     ) -> ScoringEngine:
-        """Load a model and its tokenizer (local folder, or hub id where a hub is reachable)."""
-        dev = resolve_device(device)
+        """Load a model and its tokenizer (local folder, or hub id where a hub is reachable);
+        `served_name` is the name its fingerprint carries (default: `name_or_path`).
+
+        With `device_map` (and optionally `max_memory`) accelerate places the layers over several
+        devices as it loads them (a model larger than one GPU); without it the model goes to `device`.
+        """
+        on_gpu = device_map not in (None, "cpu") and torch.cuda.is_available()
+        dev = torch.device("cuda") if on_gpu else resolve_device("cpu" if device_map == "cpu" else device)
+        placement = {"device_map": device_map, "max_memory": max_memory} if device_map is not None else {}
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
             dtype=resolve_dtype(dtype, dev),
             revision=revision,
             trust_remote_code=trust_remote_code,
-        ).to(dev)
+            attn_implementation=attn_implementation,
+            **placement,
+        )
+        if device_map is None:
+            model = model.to(dev)
         tokenizer = AutoTokenizer.from_pretrained(
             name_or_path, revision=revision, trust_remote_code=trust_remote_code
         )
         commit = getattr(model.config, "_commit_hash", None) or revision
-        return cls(model, tokenizer, name=name_or_path, model_hash=model_fingerprint(name_or_path, commit), **kwargs)
+        return cls(model, tokenizer, name=served_name or name_or_path, model_hash=model_fingerprint(name_or_path, commit),
+                   **kwargs)
 
     # -- the forward --------------------------------------------------------------------------
 
@@ -191,6 +213,8 @@ class ScoringEngine:
             for job, b, features in scored:
                 owners.append((job, b, offset, len(features)))
                 offset += len(features)
+            start = 0  # the first owner with rows at or after c0: owners are in row order, so each
+            # is visited once per chunk it overlaps (O(owners + chunks), not owners x chunks)
             for c0 in range(0, offset, self.rows_per_chunk):
                 c1 = min(c0 + self.rows_per_chunk, offset)
                 logp = self._log_softmax(picked[c0:c1])  # (c1 - c0, V), on the model's device
@@ -198,12 +222,15 @@ class ScoringEngine:
                 # Supports are taken row by row, so one call per job gives what one call per sequence
                 # gives, without the per-call overhead that dominates small requests.
                 taken: dict[Job, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-                for job, b, first, rows in owners:
+                while start < len(owners) and owners[start][2] + owners[start][3] <= c0:
+                    start += 1
+                for job, b, first, rows in itertools.islice(owners, start, None):
+                    if first >= c1:
+                        break
                     lo, hi = max(first, c0), min(first + rows, c1)
-                    if lo < hi:
-                        local, request = taken.setdefault(job, ([], []))
-                        local.append(torch.arange(lo - c0, hi - c0))
-                        request.append(torch.arange(lo - first, hi - first) + job.first_row[b])
+                    local, request = taken.setdefault(job, ([], []))
+                    local.append(torch.arange(lo - c0, hi - c0))
+                    request.append(torch.arange(lo - first, hi - first) + job.first_row[b])
                 for job, (local, request) in taken.items():
                     at = torch.cat(local)
                     first, last = int(at[0]), int(at[-1])
@@ -261,7 +288,7 @@ class ScoringEngine:
         their sequence); `should_stop` is polled between micro-batches; `caller` identifies who
         asks, for fairness when requests of several callers are batched together.
         """
-        request = _Request(sum(end - start for start, end in ranges), support)
+        request = _Request(sum(end - start for start, end in ranges), support, self.shared_vocab)
         groups = shared_prefix_groups(sequences, self.min_shared_prefix) if self.min_shared_prefix else []
         self.scheduler.run(Job(sequences, ranges, request.add, should_stop, caller, groups))
         return request.assemble()
@@ -270,9 +297,10 @@ class ScoringEngine:
 class _Request:
     """One scoring request's rows: the support is taken as chunks of its rows arrive."""
 
-    def __init__(self, num_rows: int, support: SupportSpec):
+    def __init__(self, num_rows: int, support: SupportSpec, vocab: int):
         self.support = support
         self.num_rows = num_rows
+        self.vocab = vocab  # support ids stay below it (padding rows never returned)
         self.uniforms = None
         if support.kind == "sampled":
             # Drawn up front in request order: the draws don't depend on batching or chunking.
@@ -287,15 +315,15 @@ class _Request:
         The support is taken where `logp` is (the GPU, when the model is there): only the
         (rows, width) answer comes back to host memory, never the (rows, V) block.
         """
-        support, device = self.support, logp.device
+        support, device, vocab = self.support, logp.device, self.vocab
         if support.kind == "topk":
-            out = sparse.topk(logp, support.k)
+            out = sparse.topk(logp, support.k, vocab)
         elif support.kind == "indices":
-            out = sparse.union_with_topk(logp, support.indices[rows].to(device), support.k)
+            out = sparse.union_with_topk(logp, support.indices[rows].to(device), support.k, vocab)
         elif support.kind == "sampled":
-            out = sparse.sample(logp, self.uniforms[rows].to(device), support.temperature)
+            out = sparse.sample(logp, self.uniforms[rows].to(device), support.temperature, vocab)
         elif support.kind == "dense":
-            out = (logp,)
+            out = (logp[:, :vocab],)  # normalised over every row, returned on the real ids
         else:
             raise ValueError(f"unknown support kind {support.kind!r}")
         self.parts.append((rows, tuple(t.cpu() for t in out)))

@@ -21,10 +21,14 @@ from adpa.services.scoring import ScoringService
 logger = logging.getLogger(__name__)
 
 
-def load_engine(config: ServeConfig, model: str) -> ScoringEngine:
+def load_engine(config: ServeConfig, model: str, served_name: str | None = None) -> ScoringEngine:
     """One model of `config` as a scoring engine, with the config's device, dtype and budgets."""
     return ScoringEngine.from_pretrained(
         model,
+        served_name=served_name,
+        device_map=config.device_map_arg(),
+        max_memory=config.max_memory_arg(),
+        attn_implementation=config.attn_implementation,
         device=config.device,
         dtype=config.dtype,
         revision=config.revision,
@@ -46,7 +50,7 @@ def connect_reference(config: ServeConfig) -> ReferenceModel:
         token = config.reference_token.get_secret_value() if config.reference_token else None
         return RemoteReference.connect(config.reference, token=token, max_message_bytes=config.max_message_bytes)
     logger.info("loading reference model %s in process", config.reference)
-    return LocalReference(load_engine(config, config.reference))
+    return LocalReference(load_engine(config, config.reference, config.reference_served_model_name))
 
 
 def build_service(config: ServeConfig, reference: ReferenceModel | None = None) -> ScoringService:
@@ -54,7 +58,7 @@ def build_service(config: ServeConfig, reference: ReferenceModel | None = None) 
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     logger.info("loading %s model %s", config.role, config.model)
-    engine = load_engine(config, config.model)
+    engine = load_engine(config, config.model, config.served_model_name)
     if config.role == "teacher" and reference is None:
         reference = connect_reference(config)
     try:

@@ -47,6 +47,10 @@ class Frontend:
         self.gate = AdmissionGate(max_inflight, self.metrics)
         self._draining = threading.Event()
         service.engine.scheduler.observer = self.metrics.observe_batch
+        model = service.engine.fingerprint
+        self.metrics.model.info({"model_name": model.model_name, "role": service.role, "model_hash": model.model_hash,
+                                 "tokenizer_hash": model.tokenizer_hash, "vocab_size": str(model.vocab_size),
+                                 "shared_vocab": str(model.shared_vocab)})
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -116,7 +120,7 @@ class Frontend:
 
             started = time.perf_counter()
             try:
-                result = self.service.score(query, should_stop=should_stop, caller=caller)
+                result = self.service.score(query, should_stop=should_stop, caller=caller, deadline=deadline)
             except Cancelled:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise DeadlineExceeded("the request's deadline passed while it was being scored") from None

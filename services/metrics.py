@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 
 class ServiceMetrics:
@@ -23,6 +23,9 @@ class ServiceMetrics:
             "adpa_scored_positions", "Scored positions answered, by signal and support", ["signal", "support"],
             registry=self.registry,
         )
+        # The served model, as an info metric (adpa_model_info{model_name=...} 1): join on it by name.
+        self.model = Info("adpa_model", "The served model: its served name, role, hashes and vocabulary",
+                          registry=self.registry)
         self.inflight = Gauge("adpa_inflight_requests", "Scoring requests running or queued", registry=self.registry)
         self.batch_requests = Histogram(
             "adpa_batch_requests", "Requests whose sequences shared one forward micro-batch",

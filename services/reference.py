@@ -26,9 +26,13 @@ class ReferenceModel(Protocol):
 
     def score(
         self, sequences: list[torch.Tensor], ranges: list[tuple[int, int]], support: SupportSpec,
-        should_stop: StopFn | None = None, caller: str = "",
+        should_stop: StopFn | None = None, caller: str = "", deadline: float | None = None,
     ) -> SupportValues:
-        """log pi_ref on `support` at the scored positions (INDICES with k=0, or DENSE)."""
+        """log pi_ref on `support` at the scored positions (INDICES with k=0, or DENSE).
+
+        `deadline` is the caller's `time.monotonic()` instant: a remote reference is given only
+        what is left of it, and a reference that runs out of it raises `DeadlineExceeded` (the
+        caller's own deadline passed: retrying the same request would miss it again)."""
 
     def max_indices(self) -> int | None:
         """The widest INDICES support it accepts per position; None when unbounded."""
@@ -49,7 +53,8 @@ class LocalReference:
     def fingerprint(self) -> ModelFingerprint:
         return self.engine.fingerprint
 
-    def score(self, sequences, ranges, support, should_stop=None, caller="") -> SupportValues:
+    def score(self, sequences, ranges, support, should_stop=None, caller="", deadline=None) -> SupportValues:
+        # In process, `should_stop` already polls the deadline between micro-batches.
         return self.engine.score(sequences, ranges, support, should_stop, caller)
 
     def max_indices(self) -> None:
@@ -69,12 +74,15 @@ def reference_at(
     indices: torch.Tensor | None,
     should_stop: StopFn | None = None,
     caller: str = "",
+    deadline: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi_ref at `indices` (P, m) (or everywhere when None), and its log tail mass outside them."""
     if indices is None:
-        dense = reference.score(sequences, ranges, SupportSpec("dense"), should_stop, caller)
+        dense = reference.score(sequences, ranges, SupportSpec("dense"), should_stop, caller, deadline)
         return dense.logprobs, None
     # Ask for each distinct id once (sampled supports repeat ids), then read them back in order.
     unique = sparse.sorted_union(indices, indices[:, :0], reference.fingerprint.vocab_size)
-    answer = reference.score(sequences, ranges, SupportSpec("indices", k=0, indices=unique), should_stop, caller)
+    answer = reference.score(
+        sequences, ranges, SupportSpec("indices", k=0, indices=unique), should_stop, caller, deadline
+    )
     return sparse.lookup(answer.indices, answer.logprobs, indices), answer.log_tail

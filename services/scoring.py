@@ -54,7 +54,7 @@ class ScoringService:
         if reference is not None:
             check_same_tokenizer(engine.fingerprint, reference.fingerprint)
             # The widest support the teacher may forward: an INDICES support, or n distinct draws.
-            widest = min(engine.vocab_size, max(limits.max_indices, limits.max_samples))
+            widest = min(engine.shared_vocab, max(limits.max_indices, limits.max_samples))
             accepted = reference.max_indices()
             if accepted is not None and accepted < widest:
                 raise ValueError(
@@ -81,8 +81,11 @@ class ScoringService:
         if self.reference is not None:
             self.reference.close()
 
-    def score(self, query: ScoreQuery, should_stop: StopFn | None = None, caller: str = "") -> ScoreResult:
-        """Validate and answer `query`; `caller` names who asks (fairness when requests are batched)."""
+    def score(
+        self, query: ScoreQuery, should_stop: StopFn | None = None, caller: str = "", deadline: float | None = None
+    ) -> ScoreResult:
+        """Validate and answer `query`; `caller` names who asks (fairness when requests are batched);
+        `deadline` (a `time.monotonic()` instant) bounds the call to a remote reference."""
         self.validate(query)
         own = self.engine.score(query.sequences, query.ranges, query.support, should_stop, caller)
         if query.signal == "logprobs":
@@ -97,7 +100,7 @@ class ScoringService:
                 weights=own.weights,
             )
         ref_logp, ref_tail = reference_at(
-            self.reference, query.sequences, query.ranges, own.indices, should_stop, caller
+            self.reference, query.sequences, query.ranges, own.indices, should_stop, caller, deadline
         )
         extras = {}
         if query.include_logprobs:
@@ -110,7 +113,8 @@ class ScoringService:
             model=self.engine.fingerprint,
             reference=self.reference.fingerprint,
             indices=own.indices,
-            values=sparse.advantage(own.logprobs, ref_logp, self.beta),
+            # A dense answer is on the shared ids; a reference with a longer real range is cut to them.
+            values=sparse.advantage(own.logprobs, ref_logp[:, : own.logprobs.shape[-1]], self.beta),
             tail=sparse.advantage(own.log_tail, ref_tail, self.beta) if own.log_tail is not None else None,
             weights=own.weights,
             extras=extras,
@@ -126,7 +130,7 @@ class ScoringService:
         O(B) vectorized work. Also checks the support's parameters, on which the answer's size
         depends. The content (ids, ranges, indices) is checked by `validate`.
         """
-        limits, vocab = self.limits, self.engine.vocab_size
+        limits, vocab = self.limits, self.engine.shared_vocab
         sequences = size.sequences
         if sequences == 0:
             raise InvalidArgument("the request holds no sequences")
@@ -168,7 +172,7 @@ class ScoringService:
             raise InvalidArgument(f"{len(query.sequences)} sequences but {len(query.ranges)} score ranges")
         size = QuerySize.of(query)
         self.check_size(size)
-        vocab, lengths = self.engine.vocab_size, size.lengths
+        vocab, lengths = self.engine.shared_vocab, size.lengths
         empty = (lengths == 0).nonzero()
         if len(empty):
             raise InvalidArgument(f"sequence {int(empty[0])} is empty")
@@ -239,11 +243,20 @@ class ScoringService:
             raise InvalidArgument("INDICES with k=0 needs at least one index (not -1) per position")
 
 
+class IncompatibleModels(ValueError):
+    """A teacher and its reference whose signals cannot line up (another tokenizer)."""
+
+
 def check_same_tokenizer(teacher: ModelFingerprint, reference: ModelFingerprint) -> None:
-    """A teacher and its reference must share a tokenizer, or their log-probs don't line up."""
-    if teacher.tokenizer_hash != reference.tokenizer_hash or teacher.vocab_size != reference.vocab_size:
-        raise ValueError(
-            f"teacher {teacher.model_name} (tokenizer {teacher.tokenizer_hash}, vocab {teacher.vocab_size}) and "
-            f"reference {reference.model_name} (tokenizer {reference.tokenizer_hash}, vocab {reference.vocab_size}) "
-            "do not share a tokenizer"
+    """A teacher and its reference must share a tokenizer, or their log-probs don't line up.
+
+    The tokenizer decides, not the output size: models that differ only in padding rows (a
+    resized embedding matrix) share every real id, and signals live on those ids only.
+    """
+    if teacher.tokenizer_hash != reference.tokenizer_hash or reference.shared_vocab < teacher.shared_vocab:
+        raise IncompatibleModels(
+            f"teacher {teacher.model_name} (tokenizer {teacher.tokenizer_hash}, {teacher.tokenizer_size} tokens, "
+            f"vocab {teacher.vocab_size}) and reference {reference.model_name} (tokenizer "
+            f"{reference.tokenizer_hash}, {reference.tokenizer_size} tokens, vocab {reference.vocab_size}) do not "
+            "share a tokenizer"
         )

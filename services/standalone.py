@@ -16,7 +16,7 @@ from adpa.services.config import ServeConfig
 from adpa.services.factory import open_service
 from adpa.services.frontend import Frontend
 from adpa.services.grpc.server import GrpcServer
-from adpa.services.scoring import ScoringService
+from adpa.services.scoring import IncompatibleModels, ScoringService
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +39,9 @@ class StandaloneServer:
         self.grpc.start()
         info = self.frontend.service.info()
         logger.info(
-            "serving %s %s (model %s, tokenizer %s, vocab %d) on %s:%d",
+            "serving %s %s (model %s, tokenizer %s of %d tokens, vocab %d, signals on ids < %d) on %s:%d",
             info.role, info.model.model_name, info.model.model_hash, info.model.tokenizer_hash,
-            info.model.vocab_size, self.config.host, self.port,
+            info.model.tokenizer_size, info.model.vocab_size, info.model.shared_vocab, self.config.host, self.port,
         )
         if self.config.http_port:
             self._start_http()
@@ -86,6 +86,9 @@ def serve(config: ServeConfig) -> None:
     with ExitStack() as stack:
         try:
             service = stack.enter_context(open_service(config))
+        except IncompatibleModels as err:  # a refusal, not a fault: one line, exit 2 (as a usage error)
+            logger.error("cannot start the %s service: %s", config.role, err)
+            raise SystemExit(2) from None
         except (OSError, ValueError, RuntimeError) as err:  # missing model, tokenizer mismatch, reference down
             logger.error("cannot start the %s service: %s", config.role, err)
             raise SystemExit(1) from None

@@ -63,7 +63,13 @@ def train_main(argv: list[str]) -> int:
     rank, ranks = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s %(levelname)s {f'[rank {rank}] ' if ranks > 1 else ''}%(name)s: %(message)s")
-    train(method, run, config)
+    from adpa.client import IncompatibleTeacher
+
+    try:
+        train(method, run, config)
+    except IncompatibleTeacher as err:  # a refusal, not a fault: one line, no traceback
+        print(f"adpa train {method}: {err}", file=sys.stderr)
+        return 2
     logger.info("saved to %s", config.output_dir)
     return 0
 

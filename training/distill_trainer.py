@@ -152,7 +152,10 @@ class DistillTrainer(Trainer):
         # A reference service reports beta 0; adpa-no-ref against one uses the config's beta.
         self.beta = self.teacher_info.beta if self.teacher_info.role == "teacher" else args.beta
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        vocab, max_k = self.teacher_info.model.vocab_size, self.teacher_info.limits.max_k
+        # Signals live on the ids both sides have (the tokenizer's); the student's padding rows, if
+        # any, never enter a support it asks for.
+        self.shared_vocab = self.teacher_info.model.shared_vocab
+        vocab, max_k = self.shared_vocab, self.teacher_info.limits.max_k
         if args.support_k > min(vocab, max_k) or args.student_k > vocab:
             _warn_once(logger, "support_k=%d / student_k=%d exceed the vocabulary (%d) or the teacher's max_k (%d); "
                        "clamping", args.support_k, args.student_k, vocab, max_k)
@@ -286,7 +289,8 @@ class DistillTrainer(Trainer):
         """(P, student_k + 1): the student's top-k and the sampled token at each scored position."""
         device = next(self.model.parameters()).device
         logits = self.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
-        top = logits[batch.mask.to(device)].topk(self.args.student_k, dim=-1).indices.cpu()  # (P, k)
+        scored = logits[batch.mask.to(device)][:, : self.shared_vocab]  # (P, V_shared): no padding rows
+        top = scored.topk(self.args.student_k, dim=-1).indices.cpu()  # (P, k)
         return torch.cat([top, batch.targets[batch.mask][:, None]], dim=-1)
 
     def _support(self, j: int, indices: torch.Tensor | None) -> SupportSpec:

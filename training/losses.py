@@ -62,6 +62,15 @@ def _student_logprobs(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().log_softmax(-1)  # (B, T, V)
 
 
+def _shared(student_logprobs: torch.Tensor, dense_answer: torch.Tensor) -> torch.Tensor:
+    """(..., V_s) -> (..., V): the student's log-probs on the ids a dense teacher answer covers (the
+    shared vocabulary; the rows of a padded student above it are left out, after normalising)."""
+    width = dense_answer.shape[-1]
+    if student_logprobs.shape[-1] < width:
+        raise ValueError(f"the student has {student_logprobs.shape[-1]} logits, fewer than the teacher's {width} ids")
+    return student_logprobs[..., :width]
+
+
 def _reduce(per_token: torch.Tensor, mask: torch.Tensor, reduction: Reduction) -> torch.Tensor:
     """Sum, or mean over the scored positions, of a (B, T) per-position loss."""
     scored = mask.bool()
@@ -176,9 +185,10 @@ def dense_kl(
     """KL_t = sum_a p(a) (log p(a) - log q(a)), p = teacher, q = student; reduced over t.
 
     teacher_logprobs (B, T, V) (any float dtype, -inf allowed: those tokens add 0),
-    logits (B, T, V), mask (B, T) -> scalar.
+    logits (B, T, V_s), mask (B, T) -> scalar. V_s >= V: a student with padding rows is normalised
+    over all its rows and read on the teacher's (shared) ids [0, V).
     """
-    logq = _student_logprobs(_scored_only(logits, mask))  # (B, T, V)
+    logq = _shared(_student_logprobs(_scored_only(logits, mask)), teacher_logprobs)  # (B, T, V)
     per_token = _kl_terms(_scored_only(teacher_logprobs.float(), mask), logq).sum(-1)  # (B, T)
     return _reduce(per_token, mask, reduction)
 
@@ -281,9 +291,10 @@ def dense_adpa_loss(
 
     The gradient on student logit j at position t is -gamma/N * q(j) (A(j) - G_t) (N = number of
     scored positions with "mean", 1 with "sum"): shift-invariant in A, and small wherever the
-    student puts little mass. advantage (B, T, V), logits (B, T, V), mask (B, T) -> scalar.
+    student puts little mass. advantage (B, T, V), logits (B, T, V_s >= V), mask (B, T) -> scalar
+    (a student's padding rows above V count in q's normaliser only, as in `dense_kl`).
     """
-    q = _student_logprobs(_scored_only(logits, mask)).exp()  # (B, T, V)
+    q = _shared(_student_logprobs(_scored_only(logits, mask)), advantage).exp()  # (B, T, V)
     expected_advantage = (q * _scored_only(advantage.float(), mask)).sum(-1)  # (B, T): G_t
     return -gamma * _reduce(expected_advantage, mask, reduction)
 

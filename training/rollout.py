@@ -65,7 +65,10 @@ def generate_responses(
         raise ValueError(f"{len(row_seeds)} row_seeds for {len(prompts)} prompts")
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    banned = sorted(set(tokenizer.all_special_ids) - {eos})
+    # Special tokens but EOS, and the padding rows of a padded embedding matrix (ids no token has;
+    # a teacher refuses them, its signals live on the tokenizer's ids).
+    padding = range(len(tokenizer), getattr(model.config, "vocab_size", None) or len(tokenizer))
+    banned = sorted((set(tokenizer.all_special_ids) - {eos}) | set(padding))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -8,7 +8,7 @@ import time
 import grpc
 
 from adpa.client import TeacherClient
-from adpa.errors import Internal, ResourceExhausted, Unavailable
+from adpa.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
 from adpa.protocol import ModelFingerprint, SupportValues
 
 logger = logging.getLogger(__name__)
@@ -65,11 +65,22 @@ class RemoteReference:
             self._fingerprint = self.client.info().model
         return self._fingerprint
 
-    def score(self, sequences, ranges, support, should_stop=None, caller="") -> SupportValues:
+    def score(self, sequences, ranges, support, should_stop=None, caller="", deadline=None) -> SupportValues:
+        timeout = None
+        if deadline is not None:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise DeadlineExceeded("the request's deadline passed before the reference was asked")
         try:
-            answer = self.client.score(sequences, ranges, signal="logprobs", support=support, value_dtype="FP32")
+            answer = self.client.score(
+                sequences, ranges, signal="logprobs", support=support, value_dtype="FP32", timeout=timeout
+            )
         except grpc.RpcError as err:
-            if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # Not UNAVAILABLE: the caller's client would retry the whole request, and pay for it twice.
+                raise DeadlineExceeded(f"the reference did not answer within the request's deadline: "
+                                       f"{err.details()}") from None
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
                 raise Unavailable(f"reference model unavailable ({err.code().name}): {err.details()}") from None
             if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise ResourceExhausted(f"reference model busy: {err.details()}", retry_after_ms=1000) from None

@@ -19,6 +19,7 @@ replicas, autoscaling and resources are Serve's own per-deployment options (depl
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import grpc
@@ -27,7 +28,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from adpa import codec
-from adpa.errors import Internal, ServiceError, Unavailable
+from adpa.errors import DeadlineExceeded, Internal, ServiceError, Unavailable
 from adpa.protocol import ModelFingerprint, SupportSpec, SupportValues
 from adpa.services.config import ServeConfig
 from adpa.services.factory import build_service
@@ -48,6 +49,14 @@ def _replica_id() -> str:
     return serve.get_replica_context().replica_id.to_full_id_str()
 
 
+def spread_over_gpus(settings: ServeConfig) -> ServeConfig:
+    """A replica given several GPUs (ray_gpus_per_replica > 1) spans them with device_map=auto unless
+    a device map is set: Ray makes exactly those GPUs visible to it."""
+    if settings.ray_gpus_per_replica > 1 and settings.device_map is None:
+        return settings.model_copy(update={"device_map": "auto"})
+    return settings
+
+
 @serve.deployment(name="reference", max_ongoing_requests=32)
 class Reference:
     """pi_ref: log-probs at the ids a teacher asks for. Requests of all teacher replicas share
@@ -55,7 +64,7 @@ class Reference:
 
     def __init__(self, config: dict[str, Any]):
         # reference="" overrides an ADPA_REFERENCE in the environment (meant for the teacher).
-        self.service = build_service(ServeConfig.load(**{**config, "role": "reference", "reference": ""}))
+        self.service = build_service(spread_over_gpus(ServeConfig.load(**{**config, "role": "reference", "reference": ""})))
 
     def fingerprint(self) -> ModelFingerprint:
         return self.service.engine.fingerprint
@@ -85,10 +94,19 @@ class HandleReference:
         """The handshake, awaited (a replica's constructor runs on its event loop)."""
         return cls(handle, await handle.fingerprint.remote(), await handle.max_indices.remote())
 
-    def _call(self, method: str, *args, timeout_s: float | None = None):
+    def _call(self, method: str, *args, timeout_s: float | None = None, deadline: float | None = None):
+        """`deadline`: the caller's `time.monotonic()` instant; the call waits no longer than what is
+        left of it, and missing it is DEADLINE_EXCEEDED (not UNAVAILABLE, which callers retry)."""
+        wait = timeout_s or self.timeout_s
+        if deadline is not None:
+            wait = min(wait, deadline - time.monotonic())
+            if wait <= 0:
+                raise DeadlineExceeded(f"the request's deadline passed before the reference was asked ({method})")
         try:
-            return getattr(self.handle, method).remote(*args).result(timeout_s=timeout_s or self.timeout_s)
+            return getattr(self.handle, method).remote(*args).result(timeout_s=wait)
         except TimeoutError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"the reference did not answer {method} within the request's deadline") from None
             raise Unavailable(f"reference deployment did not answer {method} in time") from None
         except ServiceError:
             raise
@@ -96,8 +114,8 @@ class HandleReference:
             logger.warning("reference deployment failed on %s: %r", method, err)
             raise Internal(f"reference deployment failed ({type(err).__name__})") from None
 
-    def score(self, sequences, ranges, support, should_stop=None, caller="") -> SupportValues:
-        return self._call("score", sequences, ranges, support, caller)
+    def score(self, sequences, ranges, support, should_stop=None, caller="", deadline=None) -> SupportValues:
+        return self._call("score", sequences, ranges, support, caller, deadline=deadline)
 
     def max_indices(self) -> int:
         return self._max_indices
@@ -119,7 +137,7 @@ class Teacher:
     """pi_dpo behind the adpa.v1 contract: the ingress of the application."""
 
     async def __init__(self, config: dict[str, Any], reference: DeploymentHandle | None = None):
-        settings = ServeConfig.load(**{**config, "role": "teacher"})
+        settings = spread_over_gpus(ServeConfig.load(**{**config, "role": "teacher"}))
         handle_reference = await HandleReference.connect(reference) if reference is not None else None
         self.service = build_service(settings, handle_reference)
         self.frontend = Frontend(self.service, max_inflight=settings.max_inflight, replica=_replica_id())
@@ -199,5 +217,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     teacher = Teacher.options(**options(config.ray_replicas))
     if config.remote_reference or config.ray_colocate_reference:  # no reference deployment
         return teacher.bind(args)
-    reference_args = {**{k: v for k, v in args.items() if k != "reference"}, **overrides, "model": config.reference}
+    # The teacher's own name is not the reference's (reference_served_model_name names that one).
+    reference_args = {**{k: v for k, v in args.items() if k not in ("reference", "served_model_name")}, **overrides,
+                      "model": config.reference}
     return teacher.bind(args, Reference.options(**options(config.ray_reference_replicas)).bind(reference_args))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61\x64pa/v1/scoring.proto\x12\x07\x61\x64pa.v1\"6\n\x06Tensor\x12\x10\n\x08\x64\x61tatype\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\"\x12\n\x10ModelInfoRequest\"\x8a\x01\n\x10ModelFingerprint\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_hash\x18\x02 \x01(\t\x12\x16\n\x0etokenizer_hash\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x06 \x01(\x03\"\xa7\x02\n\x11ModelInfoResponse\x12\x0c\n\x04role\x18\x01 \x01(\t\x12(\n\x05model\x18\x02 \x01(\x0b\x32\x19.adpa.v1.ModelFingerprint\x12,\n\treference\x18\x03 \x01(\x0b\x32\x19.adpa.v1.ModelFingerprint\x12\x0c\n\x04\x62\x65ta\x18\x04 \x01(\x01\x12\x16\n\x0eserver_version\x18\x05 \x01(\t\x12\r\n\x05max_k\x18\x06 \x01(\x05\x12\x13\n\x0bmax_samples\x18\x07 \x01(\x05\x12\x13\n\x0bmax_indices\x18\x08 \x01(\x05\x12\x15\n\rmax_positions\x18\t \x01(\x03\x12\x19\n\x11max_message_bytes\x18\n \x01(\x03\x12\x1b\n\x13max_dense_positions\x18\x0b \x01(\x03\"\x88\x01\n\x07Support\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.adpa.v1.SupportKind\x12\t\n\x01k\x18\x02 \x01(\x05\x12\t\n\x01n\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12 \n\x07indices\x18\x06 \x01(\x0b\x32\x0f.adpa.v1.Tensor\"\x97\x02\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1f\n\x06signal\x18\x02 \x01(\x0e\x32\x0f.adpa.v1.Signal\x12!\n\x07support\x18\x03 \x01(\x0b\x32\x10.adpa.v1.Support\x12\"\n\tinput_ids\x18\x04 \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12 \n\x07lengths\x18\x05 \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12%\n\x0cscore_ranges\x18\x06 \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12(\n\x0bvalue_dtype\x18\x07 \x01(\x0e\x32\x13.adpa.v1.ValueDtype\x12\x18\n\x10include_logprobs\x18\x08 \x01(\x08\"\x87\x04\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x05model\x18\x02 \x01(\x0b\x32\x19.adpa.v1.ModelFingerprint\x12,\n\treference\x18\x03 \x01(\x0b\x32\x19.adpa.v1.ModelFingerprint\x12\x1f\n\x06signal\x18\x04 \x01(\x0e\x32\x0f.adpa.v1.Signal\x12*\n\x0csupport_kind\x18\x05 \x01(\x0e\x32\x14.adpa.v1.SupportKind\x12 \n\x07indices\x18\x06 \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12\x1f\n\x06values\x18\x07 \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12\x1d\n\x04tail\x18\x08 \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12 \n\x07weights\x18\t \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12!\n\x08logprobs\x18\n \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12+\n\x12reference_logprobs\x18\x0b \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12&\n\rtail_logprobs\x18\x0c \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12\x30\n\x17reference_tail_logprobs\x18\r \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12\x0f\n\x07replica\x18\x0e \x01(\t*=\n\x06Signal\x12\x16\n\x12SIGNAL_UNSPECIFIED\x10\x00\x12\x0c\n\x08LOGPROBS\x10\x01\x12\r\n\tADVANTAGE\x10\x02*U\n\x0bSupportKind\x12\x17\n\x13SUPPORT_UNSPECIFIED\x10\x00\x12\x08\n\x04TOPK\x10\x01\x12\x0b\n\x07INDICES\x10\x02\x12\x0b\n\x07SAMPLED\x10\x03\x12\t\n\x05\x44\x45NSE\x10\x04*G\n\nValueDtype\x12\x1b\n\x17VALUE_DTYPE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x42\x46\x31\x36\x10\x02\x12\x08\n\x04\x46P16\x10\x03\x32\x84\x01\n\x06Scorer\x12\x42\n\tModelInfo\x12\x19.adpa.v1.ModelInfoRequest\x1a\x1a.adpa.v1.ModelInfoResponse\x12\x36\n\x05Score\x12\x15.adpa.v1.ScoreRequest\x1a\x16.adpa.v1.ScoreResponseB^\n\nai.adpa.v1B\x0cScoringProtoP\x01Z\x1a\x61\x64pa/gen/go/adpa/v1;adpav1\xa2\x02\x04\x41\x44PA\xaa\x02\x07\x41\x64pa.V1\xca\x02\x07\x41\x64pa\\V1\xea\x02\x08\x41\x64pa::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61\x64pa/v1/scoring.proto\x12\x07\x61\x64pa.v1\"6\n\x06Tensor\x12\x10\n\x08\x64\x61tatype\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\"\x12\n\x10ModelInfoRequest\"\xa2\x01\n\x10ModelFingerprint\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_hash\x18\x02 \x01(\t\x12\x16\n\x0etokenizer_hash\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x06 \x01(\x03\x12\x16\n\x0etokenizer_size\x18\x07 \x01(\x03\"\xa7\x02\n\x11ModelInfoResponse\x12\x0c\n\x04role\x18\x01 \x01(\t\x12(\n\x05model\x18\x02 \x01(\x0b\x32\x19.adpa.v1.ModelFingerprint\x12,\n\treference\x18\x03 \x01(\x0b\x32\x19.adpa.v1.ModelFingerprint\x12\x0c\n\x04\x62\x65ta\x18\x04 \x01(\x01\x12\x16\n\x0eserver_version\x18\x05 \x01(\t\x12\r\n\x05max_k\x18\x06 \x01(\x05\x12\x13\n\x0bmax_samples\x18\x07 \x01(\x05\x12\x13\n\x0bmax_indices\x18\x08 \x01(\x05\x12\x15\n\rmax_positions\x18\t \x01(\x03\x12\x19\n\x11max_message_bytes\x18\n \x01(\x03\x12\x1b\n\x13max_dense_positions\x18\x0b \x01(\x03\"\x88\x01\n\x07Support\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.adpa.v1.SupportKind\x12\t\n\x01k\x18\x02 \x01(\x05\x12\t\n\x01n\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12 \n\x07indices\x18\x06 \x01(\x0b\x32\x0f.adpa.v1.Tensor\"\x97\x02\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1f\n\x06signal\x18\x02 \x01(\x0e\x32\x0f.adpa.v1.Signal\x12!\n\x07support\x18\x03 \x01(\x0b\x32\x10.adpa.v1.Support\x12\"\n\tinput_ids\x18\x04 \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12 \n\x07lengths\x18\x05 \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12%\n\x0cscore_ranges\x18\x06 \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12(\n\x0bvalue_dtype\x18\x07 \x01(\x0e\x32\x13.adpa.v1.ValueDtype\x12\x18\n\x10include_logprobs\x18\x08 \x01(\x08\"\x87\x04\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x05model\x18\x02 \x01(\x0b\x32\x19.adpa.v1.ModelFingerprint\x12,\n\treference\x18\x03 \x01(\x0b\x32\x19.adpa.v1.ModelFingerprint\x12\x1f\n\x06signal\x18\x04 \x01(\x0e\x32\x0f.adpa.v1.Signal\x12*\n\x0csupport_kind\x18\x05 \x01(\x0e\x32\x14.adpa.v1.SupportKind\x12 \n\x07indices\x18\x06 \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12\x1f\n\x06values\x18\x07 \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12\x1d\n\x04tail\x18\x08 \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12 \n\x07weights\x18\t \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12!\n\x08logprobs\x18\n \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12+\n\x12reference_logprobs\x18\x0b \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12&\n\rtail_logprobs\x18\x0c \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12\x30\n\x17reference_tail_logprobs\x18\r \x01(\x0b\x32\x0f.adpa.v1.Tensor\x12\x0f\n\x07replica\x18\x0e \x01(\t*=\n\x06Signal\x12\x16\n\x12SIGNAL_UNSPECIFIED\x10\x00\x12\x0c\n\x08LOGPROBS\x10\x01\x12\r\n\tADVANTAGE\x10\x02*U\n\x0bSupportKind\x12\x17\n\x13SUPPORT_UNSPECIFIED\x10\x00\x12\x08\n\x04TOPK\x10\x01\x12\x0b\n\x07INDICES\x10\x02\x12\x0b\n\x07SAMPLED\x10\x03\x12\t\n\x05\x44\x45NSE\x10\x04*G\n\nValueDtype\x12\x1b\n\x17VALUE_DTYPE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x42\x46\x31\x36\x10\x02\x12\x08\n\x04\x46P16\x10\x03\x32\x84\x01\n\x06Scorer\x12\x42\n\tModelInfo\x12\x19.adpa.v1.ModelInfoRequest\x1a\x1a.adpa.v1.ModelInfoResponse\x12\x36\n\x05Score\x12\x15.adpa.v1.ScoreRequest\x1a\x16.adpa.v1.ScoreResponseB^\n\nai.adpa.v1B\x0cScoringProtoP\x01Z\x1a\x61\x64pa/gen/go/adpa/v1;adpav1\xa2\x02\x04\x41\x44PA\xaa\x02\x07\x41\x64pa.V1\xca\x02\x07\x41\x64pa\\V1\xea\x02\x08\x41\x64pa::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,26 +32,26 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'adpa.v1.scoring_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\nai.adpa.v1B\014ScoringProtoP\001Z\032adpa/gen/go/adpa/v1;adpav1\242\002\004ADPA\252\002\007Adpa.V1\312\002\007Adpa\\V1\352\002\010Adpa::V1'
-  _globals['_SIGNAL']._serialized_start=1492
-  _globals['_SIGNAL']._serialized_end=1553
-  _globals['_SUPPORTKIND']._serialized_start=1555
-  _globals['_SUPPORTKIND']._serialized_end=1640
-  _globals['_VALUEDTYPE']._serialized_start=1642
-  _globals['_VALUEDTYPE']._serialized_end=1713
+  _globals['_SIGNAL']._serialized_start=1516
+  _globals['_SIGNAL']._serialized_end=1577
+  _globals['_SUPPORTKIND']._serialized_start=1579
+  _globals['_SUPPORTKIND']._serialized_end=1664
+  _globals['_VALUEDTYPE']._serialized_start=1666
+  _globals['_VALUEDTYPE']._serialized_end=1737
   _globals['_TENSOR']._serialized_start=34
   _globals['_TENSOR']._serialized_end=88
   _globals['_MODELINFOREQUEST']._serialized_start=90
   _globals['_MODELINFOREQUEST']._serialized_end=108
   _globals['_MODELFINGERPRINT']._serialized_start=111
-  _globals['_MODELFINGERPRINT']._serialized_end=249
-  _globals['_MODELINFORESPONSE']._serialized_start=252
-  _globals['_MODELINFORESPONSE']._serialized_end=547
-  _globals['_SUPPORT']._serialized_start=550
-  _globals['_SUPPORT']._serialized_end=686
-  _globals['_SCOREREQUEST']._serialized_start=689
-  _globals['_SCOREREQUEST']._serialized_end=968
-  _globals['_SCORERESPONSE']._serialized_start=971
-  _globals['_SCORERESPONSE']._serialized_end=1490
-  _globals['_SCORER']._serialized_start=1716
-  _globals['_SCORER']._serialized_end=1848
+  _globals['_MODELFINGERPRINT']._serialized_end=273
+  _globals['_MODELINFORESPONSE']._serialized_start=276
+  _globals['_MODELINFORESPONSE']._serialized_end=571
+  _globals['_SUPPORT']._serialized_start=574
+  _globals['_SUPPORT']._serialized_end=710
+  _globals['_SCOREREQUEST']._serialized_start=713
+  _globals['_SCOREREQUEST']._serialized_end=992
+  _globals['_SCORERESPONSE']._serialized_start=995
+  _globals['_SCORERESPONSE']._serialized_end=1514
+  _globals['_SCORER']._serialized_start=1740
+  _globals['_SCORER']._serialized_end=1872
 # @@protoc_insertion_point(module_scope)

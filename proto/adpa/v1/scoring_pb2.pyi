@@ -55,20 +55,22 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelFingerprint(_message.Message):
-    __slots__ = ("model_name", "model_hash", "tokenizer_hash", "vocab_size", "dtype", "max_seq_len")
+    __slots__ = ("model_name", "model_hash", "tokenizer_hash", "vocab_size", "dtype", "max_seq_len", "tokenizer_size")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_HASH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_SIZE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_hash: str
     tokenizer_hash: str
     vocab_size: int
     dtype: str
     max_seq_len: int
-    def __init__(self, model_name: _Optional[str] = ..., model_hash: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., max_seq_len: _Optional[int] = ...) -> None: ...
+    tokenizer_size: int
+    def __init__(self, model_name: _Optional[str] = ..., model_hash: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., tokenizer_size: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
     __slots__ = ("role", "model", "reference", "beta", "server_version", "max_k", "max_samples", "max_indices", "max_positions", "max_message_bytes", "max_dense_positions")
