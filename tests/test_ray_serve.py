@@ -4,6 +4,7 @@ shared by several clients, auth, and the KubeRay manifest agreeing with deploy/s
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -206,3 +207,67 @@ def test_adpa_serve_ray_starts_answers_and_stops_on_sigterm(tmp_path, teacher_pa
             proc.wait()
         log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# -- the same call path as `adpa serve` (services/frontend.py) -----------------------------------
+
+
+def _stub_call(ray_app, query, timeout: float):
+    from adpa import codec
+    from adpa.v1 import scoring_pb2_grpc
+
+    with grpc.insecure_channel(ray_app["endpoint"].removeprefix("grpc://")) as channel:
+        return scoring_pb2_grpc.ScorerStub(channel).Score(
+            codec.query_to_pb(query), timeout=timeout, metadata=(("authorization", f"Bearer {ray_app['token']}"),)
+        )
+
+
+def _metric(ray_app, name: str, **labels: str) -> float:
+    """The largest value of a sample over the replicas /metrics answered from (one per scrape)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    best = 0.0
+    for _ in range(6):
+        text = httpx.get(f"{ray_app['http']}/metrics", timeout=30).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    best = max(best, sample.value)
+    return best
+
+
+def test_the_answer_size_limit_holds_on_ray(ray_app):
+    """ray_app's max_message_mb is 1, like teacher_server's: the same refusal as test_bad_input's."""
+    from adpa.protocol import ScoreQuery
+
+    query = ScoreQuery([torch.full((41,), 9)], [(0, 40)], "logprobs", SupportSpec("sampled", n=4096))
+    with pytest.raises(grpc.RpcError) as err:
+        _stub_call(ray_app, query, timeout=60)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "the answer would take about" in err.value.details() and f"message limit {1 << 20}" in err.value.details()
+
+
+def test_a_missed_deadline_stops_the_work_on_ray(ray_app):
+    """The caller's deadline ends the call; the replica stops between micro-batches (CANCELLED: the
+    deadline itself does not reach a replica, docs/architecture.md) instead of finishing it."""
+    from adpa.protocol import ScoreQuery
+
+    g = torch.Generator().manual_seed(3)
+    heavy = [torch.randint(7, 77, (250,), generator=g) for _ in range(512)]
+    query = ScoreQuery(heavy, [(249, 250)] * 512, "logprobs", SupportSpec("topk", k=4))
+    with pytest.raises(grpc.RpcError) as err:
+        _stub_call(ray_app, query, timeout=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    labels = dict(transport="ray", method="Score", code="CANCELLED")
+    for _ in range(30):
+        if _metric(ray_app, "adpa_requests_total", **labels) >= 1:
+            break
+        time.sleep(1)
+    assert _metric(ray_app, "adpa_requests_total", **labels) >= 1
+
+
+def test_the_reference_deployment_is_in_the_metrics(on_ray, ray_app):
+    on_ray.score(SEQUENCES, RANGES, signal="advantage", support=SUPPORTS["topk"])
+    assert _metric(ray_app, "adpa_reference_requests_total", transport="ray", method="Score", code="OK") >= 1
+    assert _metric(ray_app, "adpa_reference_scored_positions_total") >= P
+    assert httpx.get(f"{ray_app['http']}/readyz", timeout=30).json() == {"ready": True}  # fits: no warning
