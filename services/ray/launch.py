@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from adpa.services.config import ServeConfig
 from adpa.services.ray.placement import app_asks, shortfall
@@ -59,23 +60,21 @@ def check_settings(config: ServeConfig) -> None:
                          "front of it (a load balancer or Kubernetes ingress)")
 
 
-def deploy_in_background(app, stop: threading.Event) -> threading.Thread:
-    """`serve.run` on a thread of its own: it waits until every replica runs, which may be never
-    (replicas that cannot be placed), and a stop must not wait for it. Sets `stop` if the
-    deployment fails (the error is logged)."""
+def watch(stop: threading.Event, warning: str | None, period_s: float = 1.0, remind_s: float = 60.0) -> int:
+    """Until `stop`: follow the application's status (exit code 1 if its deployment fails) and, while
+    serving degraded, repeat `warning` in the log every `remind_s`."""
     from ray import serve
 
-    def deploy() -> None:
-        try:
-            serve.run(app, name=APP_NAME, route_prefix="/")
-        except Exception as err:  # DEPLOY_FAILED, or the application deleted by a stop
-            if not stop.is_set():
-                logger.error("the application failed to deploy: %s", err)
-                stop.set()
-
-    thread = threading.Thread(target=deploy, name="adpa-ray-deploy", daemon=True)
-    thread.start()
-    return thread
+    last_reminder = time.monotonic()
+    while not stop.wait(period_s):
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None and app.status == "DEPLOY_FAILED":
+            logger.error("the application failed to deploy: %s", app.message)
+            return 1
+        if warning and time.monotonic() - last_reminder >= remind_s:
+            logger.warning("serving degraded: %s", warning)
+            last_reminder = time.monotonic()
+    return 0
 
 
 def serve_on_ray(config: ServeConfig) -> int:
@@ -116,10 +115,12 @@ def serve_on_ray(config: ServeConfig) -> int:
             http_options={"host": config.host, "port": config.http_port},
             grpc_options={"port": config.port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS},
         )
-        deploy_in_background(build_app(app_args(config)), stop)
+        # Not `serve.run`: it waits until every replica runs, which may be never (replicas that
+        # cannot be placed), and a stop must not wait for it.
+        serve._run(build_app(app_args(config)), name=APP_NAME, route_prefix="/", _blocking=False)
         logger.info("Ray Serve application %r: gRPC on :%d, HTTP on %s:%d", APP_NAME, config.port, config.host,
                     config.http_port)
-        stop.wait()
+        code = watch(stop, warning)
         logger.info("deleting the application")
         serve.delete(APP_NAME)
     except Exception:
