@@ -40,8 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
         except ValueError as err:
             print(f"adpa serve: {err}", file=sys.stderr)
             return 2
-        serve_on_ray(config)
-        return 0
+        return serve_on_ray(config)
     from adpa.services.standalone import serve
 
     serve(config)

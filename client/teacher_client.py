@@ -49,7 +49,6 @@ from adpa.v1 import scoring_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 # A restarted server is reconnected within this (gRPC's default backoff grows to 120 s).
 CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
                    ("grpc.max_reconnect_backoff_ms", 5000)]

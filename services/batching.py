@@ -136,13 +136,13 @@ class Scheduler:
 
     def __init__(
         self, forward: ForwardFn, *, max_batch_tokens: int, batching: bool = True, wait_s: float = 0.0,
-        name: str = "adpa-batcher",
+        name: str = "adpa-batcher", observer: BatchObserver | None = None,
     ):
         self.forward = forward
         self.max_batch_tokens = max_batch_tokens
         self.batching = batching
         self.wait_s = wait_s
-        self.observer: BatchObserver | None = None
+        self.observer = observer
         self._lock = threading.Lock()  # one forward at a time when batching is off
         self._cond = threading.Condition()
         self._queues: dict[str, deque[Item]] = {}  # caller -> its waiting sequences

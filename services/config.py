@@ -110,6 +110,10 @@ class ServeConfig(AdpaSettings):
     )
     ray_cpus_per_replica: float = Field(1.0, description="with ray: CPUs reserved by each replica")
     ray_gpus_per_replica: float = Field(0.0, description="with ray: GPUs reserved by each replica (e.g. 1, or 0.5 to pack two)")
+    ray_allow_degraded: bool = Field(
+        False, description="with ray: serve even when the cluster cannot place every replica asked for (a warning "
+        "in the log and in /readyz detail); off: refuse to start (exit 2)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
     @field_validator("device_map", "max_memory", mode="before")

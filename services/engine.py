@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from adpa import sparse
 from adpa.fingerprint import model_fingerprint, tokenizer_fingerprint
 from adpa.protocol import ModelFingerprint, SupportSpec, SupportValues
-from adpa.services.batching import Item, Job, Scheduler
+from adpa.services.batching import BatchObserver, Item, Job, Scheduler
 from adpa.services.prefix import shared_prefix_groups
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,9 @@ class ScoringEngine:
         batching: bool = True,
         batch_wait_s: float = 0.0,
         min_shared_prefix: int = 16,
+        observer: BatchObserver | None = None,
     ):
+        """`observer` is told about every forward micro-batch (the server's metrics)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         # Inputs go where the input embeddings are: with a device map the model spans devices, and
@@ -89,7 +91,7 @@ class ScoringEngine:
         self.min_shared_prefix = min_shared_prefix if min_shared_prefix and self._prefix_cache_matches() else 0
         self.scheduler = Scheduler(
             self._forward, max_batch_tokens=max_batch_tokens, batching=batching, wait_s=batch_wait_s,
-            name=f"adpa-batcher-{name}",
+            name=f"adpa-batcher-{name}", observer=observer,
         )
 
     @classmethod

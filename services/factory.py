@@ -1,7 +1,8 @@
 """Build the scoring service a `ServeConfig` names: load the model(s), connect the reference.
 
-    with open_service(config) as service:
-        frontend = Frontend(service, max_inflight=config.max_inflight)
+    metrics = ServiceMetrics()
+    with open_service(config, observer=metrics.observe_batch) as service:
+        frontend = Frontend(service, max_inflight=config.max_inflight, metrics=metrics)
         ...
 """
 
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
+from adpa.services.batching import BatchObserver
 from adpa.services.config import ServeConfig
 from adpa.services.engine import ScoringEngine
 from adpa.services.reference import LocalReference, ReferenceModel
@@ -21,8 +23,11 @@ from adpa.services.scoring import ScoringService
 logger = logging.getLogger(__name__)
 
 
-def load_engine(config: ServeConfig, model: str, served_name: str | None = None) -> ScoringEngine:
-    """One model of `config` as a scoring engine, with the config's device, dtype and budgets."""
+def load_engine(
+    config: ServeConfig, model: str, served_name: str | None = None, observer: BatchObserver | None = None
+) -> ScoringEngine:
+    """One model of `config` as a scoring engine, with the config's device, dtype and budgets;
+    `observer` is told about its forward micro-batches."""
     return ScoringEngine.from_pretrained(
         model,
         served_name=served_name,
@@ -39,13 +44,14 @@ def load_engine(config: ServeConfig, model: str, served_name: str | None = None)
         batching=config.batching,
         batch_wait_s=config.batch_wait_ms / 1000,
         min_shared_prefix=config.min_shared_prefix,
+        observer=observer,
     )
 
 
 def connect_reference(config: ServeConfig) -> ReferenceModel:
     """A teacher's reference: a remote service (grpc://...) or a second engine in this process."""
     if config.remote_reference:
-        from adpa.services.grpc.reference import RemoteReference
+        from adpa.services.remote_reference import RemoteReference
 
         token = config.reference_token.get_secret_value() if config.reference_token else None
         return RemoteReference.connect(config.reference, token=token, max_message_bytes=config.max_message_bytes)
@@ -53,12 +59,15 @@ def connect_reference(config: ServeConfig) -> ReferenceModel:
     return LocalReference(load_engine(config, config.reference, config.reference_served_model_name))
 
 
-def build_service(config: ServeConfig, reference: ReferenceModel | None = None) -> ScoringService:
-    """Load the model a config names and wire it to its reference (`reference` overrides the config's)."""
+def build_service(
+    config: ServeConfig, reference: ReferenceModel | None = None, observer: BatchObserver | None = None
+) -> ScoringService:
+    """Load the model a config names and wire it to its reference (`reference` overrides the config's);
+    `observer` is told about the served model's forward micro-batches."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     logger.info("loading %s model %s", config.role, config.model)
-    engine = load_engine(config, config.model, config.served_model_name)
+    engine = load_engine(config, config.model, config.served_model_name, observer)
     if config.role == "teacher" and reference is None:
         reference = connect_reference(config)
     try:
@@ -70,9 +79,11 @@ def build_service(config: ServeConfig, reference: ReferenceModel | None = None) 
 
 
 @contextmanager
-def open_service(config: ServeConfig, reference: ReferenceModel | None = None) -> Iterator[ScoringService]:
+def open_service(
+    config: ServeConfig, reference: ReferenceModel | None = None, observer: BatchObserver | None = None
+) -> Iterator[ScoringService]:
     """`build_service`, closed (reference connection released) when the block ends."""
-    service = build_service(config, reference)
+    service = build_service(config, reference, observer)
     try:
         yield service
     finally:

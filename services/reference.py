@@ -2,22 +2,20 @@
 
 A teacher asks its reference for log-probs at exactly the token ids its own answer needs. The
 reference may be an engine in the same process (`LocalReference`), a reference service over gRPC
-(`adpa.services.grpc.reference.RemoteReference`), or a Ray Serve deployment
+(`adpa.services.remote_reference.RemoteReference`), or a Ray Serve deployment
 (`adpa.services.ray`); the teacher only sees this protocol.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
 from adpa import sparse
 from adpa.protocol import ModelFingerprint, SupportSpec, SupportValues
+from adpa.services.batching import StopFn
 from adpa.services.engine import ScoringEngine
-
-StopFn = Callable[[], bool]
 
 
 class ReferenceModel(Protocol):

@@ -27,8 +27,9 @@ from adpa.protocol import (
     SupportSpec,
     answer_bytes_per_position,
 )
+from adpa.services.batching import StopFn
 from adpa.services.engine import ScoringEngine
-from adpa.services.reference import ReferenceModel, StopFn, reference_at
+from adpa.services.reference import ReferenceModel, reference_at
 
 class ScoringService:
     """Validates queries and answers them with one model (reference) or two (teacher)."""

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from contextlib import ExitStack
 
@@ -16,7 +15,9 @@ from adpa.services.config import ServeConfig
 from adpa.services.factory import open_service
 from adpa.services.frontend import Frontend
 from adpa.services.grpc.server import GrpcServer
+from adpa.services.metrics import ServiceMetrics
 from adpa.services.scoring import IncompatibleModels, ScoringService
+from adpa.services.stop import stop_requested
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +25,11 @@ logger = logging.getLogger(__name__)
 class StandaloneServer:
     """gRPC (Scorer, health, reflection) and optionally HTTP in front of one service."""
 
-    def __init__(self, service: ScoringService, config: ServeConfig):
+    def __init__(self, service: ScoringService, config: ServeConfig, metrics: ServiceMetrics | None = None):
+        """`metrics`: those the service's engine reports its batches to (`open_service(observer=...)`)."""
         self.config = config
-        self.frontend = Frontend(service, max_inflight=config.max_inflight)
+        token = config.auth_token.get_secret_value() if config.auth_token else None
+        self.frontend = Frontend(service, max_inflight=config.max_inflight, metrics=metrics, token=token)
         self.grpc = GrpcServer(self.frontend, config)
         self._http = None
         self._http_thread: threading.Thread | None = None
@@ -52,9 +55,7 @@ class StandaloneServer:
         from adpa.services.http.app import create_app
 
         config = self.config
-        token = config.auth_token.get_secret_value() if config.auth_token else None
-        app = create_app(self.frontend, token, max_body_bytes=int(config.http_max_body_mb * (1 << 20)),
-                         receive_timeout_s=config.receive_timeout_s, open_metrics=config.open_metrics)
+        app = create_app(self.frontend, config)
         self._http = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.http_port, log_level="warning"))
         self._http_thread = threading.Thread(target=self._http.run, name="adpa-http", daemon=True)
         self._http_thread.start()
@@ -69,13 +70,12 @@ class StandaloneServer:
         if self._http is not None:
             self._http.should_exit = True
             self._http_thread.join(timeout=5)
+        self.frontend.close()
         logger.info("stopped")
 
     def serve_forever(self) -> None:
         """Start, then block until SIGTERM or SIGINT, and drain."""
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+        stop = stop_requested()
         self.start()
         stop.wait()
         self.stop()
@@ -85,11 +85,12 @@ def serve(config: ServeConfig) -> None:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with ExitStack() as stack:
         try:
-            service = stack.enter_context(open_service(config))
+            metrics = ServiceMetrics()
+            service = stack.enter_context(open_service(config, observer=metrics.observe_batch))
         except IncompatibleModels as err:  # a refusal, not a fault: one line, exit 2 (as a usage error)
             logger.error("cannot start the %s service: %s", config.role, err)
             raise SystemExit(2) from None
         except (OSError, ValueError, RuntimeError) as err:  # missing model, tokenizer mismatch, reference down
             logger.error("cannot start the %s service: %s", config.role, err)
             raise SystemExit(1) from None
-        StandaloneServer(service, config).serve_forever()
+        StandaloneServer(service, config, metrics).serve_forever()

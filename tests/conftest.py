@@ -154,7 +154,8 @@ def ray_app(ray_serve, teacher_path, reference_path):
     from adpa.services.ray.app import build_app
 
     args = {"model": str(teacher_path), "reference": str(reference_path), "beta": 0.5, "torch_threads": 1,
-            "ray_replicas": 2, "ray_cpus_per_replica": 0.5, "max_k": 32, "max_samples": 4096, "batch_wait_ms": 20}
+            "ray_replicas": 2, "ray_cpus_per_replica": 0.5, "max_k": 32, "max_samples": 4096, "batch_wait_ms": 20,
+            "max_message_mb": 1}
     serve.run(build_app(args), name="adpa", route_prefix="/")
     yield {"endpoint": f"grpc://127.0.0.1:{ray_serve['grpc']}", "http": f"http://127.0.0.1:{ray_serve['http']}",
            "token": RAY_TOKEN}

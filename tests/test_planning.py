@@ -20,7 +20,7 @@ from adpa.errors import DeadlineExceeded, Unavailable
 from adpa.protocol import SupportSpec
 from adpa.services import batching
 from adpa.services.batching import Job, Scheduler, longest_first, plan_micro_batches
-from adpa.services.grpc.reference import RemoteReference
+from adpa.services.remote_reference import RemoteReference
 
 READS = {"n": 0}
 

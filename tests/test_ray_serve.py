@@ -3,7 +3,15 @@ shared by several clients, auth, and the KubeRay manifest agreeing with deploy/s
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -156,3 +164,169 @@ def test_ray_flag_refuses_an_open_grpc_proxy_without_a_token(capsys):
     assert "listens on every interface" in capsys.readouterr().err
     assert main(["serve", "--ray", "--role", "reference", "--model", "m", "--auth-token", "t"]) == 2
     assert "serve the teacher" in capsys.readouterr().err
+
+
+# -- the same call path as `adpa serve` (services/frontend.py) -----------------------------------
+
+
+def _stub_call(ray_app, query, timeout: float):
+    from adpa import codec
+    from adpa.v1 import scoring_pb2_grpc
+
+    with grpc.insecure_channel(ray_app["endpoint"].removeprefix("grpc://")) as channel:
+        return scoring_pb2_grpc.ScorerStub(channel).Score(
+            codec.query_to_pb(query), timeout=timeout, metadata=(("authorization", f"Bearer {ray_app['token']}"),)
+        )
+
+
+def _metric(ray_app, name: str, **labels: str) -> float:
+    """The largest value of a sample over the replicas /metrics answered from (one per scrape)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    best = 0.0
+    for _ in range(6):
+        text = httpx.get(f"{ray_app['http']}/metrics", timeout=30).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    best = max(best, sample.value)
+    return best
+
+
+def test_the_answer_size_limit_holds_on_ray(ray_app):
+    """ray_app's max_message_mb is 1, like teacher_server's: the same refusal as test_bad_input's."""
+    from adpa.protocol import ScoreQuery
+
+    query = ScoreQuery([torch.full((41,), 9)], [(0, 40)], "logprobs", SupportSpec("sampled", n=4096))
+    with pytest.raises(grpc.RpcError) as err:
+        _stub_call(ray_app, query, timeout=60)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "the answer would take about" in err.value.details() and f"message limit {1 << 20}" in err.value.details()
+
+
+def test_a_missed_deadline_stops_the_work_on_ray(ray_app):
+    """The caller's deadline ends the call; the replica stops between micro-batches (CANCELLED: the
+    deadline itself does not reach a replica, docs/architecture.md) instead of finishing it."""
+    from adpa.protocol import ScoreQuery
+
+    g = torch.Generator().manual_seed(3)
+    heavy = [torch.randint(7, 77, (250,), generator=g) for _ in range(512)]
+    query = ScoreQuery(heavy, [(249, 250)] * 512, "logprobs", SupportSpec("topk", k=4))
+    with pytest.raises(grpc.RpcError) as err:
+        _stub_call(ray_app, query, timeout=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    labels = dict(transport="ray", method="Score", code="CANCELLED")
+    for _ in range(30):
+        if _metric(ray_app, "adpa_requests_total", **labels) >= 1:
+            break
+        time.sleep(1)
+    assert _metric(ray_app, "adpa_requests_total", **labels) >= 1
+
+
+def test_the_reference_deployment_is_in_the_metrics(on_ray, ray_app):
+    on_ray.score(SEQUENCES, RANGES, signal="advantage", support=SUPPORTS["topk"])
+    assert _metric(ray_app, "adpa_reference_requests_total", transport="ray", method="Score", code="OK") >= 1
+    assert _metric(ray_app, "adpa_reference_scored_positions_total") >= P
+    assert httpx.get(f"{ray_app['http']}/readyz", timeout=30).json() == {"ready": True}  # fits: no warning
+
+
+# -- `adpa serve --ray` as a process: the start-up check, and SIGTERM in every state ---------------
+
+
+@contextlib.contextmanager
+def serve_ray_process(tmp_path, teacher_path, reference_path, *flags: str):
+    """`adpa serve --ray` with its own local Ray in a short temp dir (Ray's socket paths must stay
+    under 108 bytes); whatever of that Ray is left at the end is reported, then stopped."""
+    from adpa.services.launch import free_port
+
+    from .conftest import SERVER_ENV
+
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ports = {"grpc": free_port(), "http": free_port()}
+    env = {**os.environ, **SERVER_ENV, "ADPA_AUTH_TOKEN": "cli-token", "RAY_TMPDIR": ray_tmp}
+    log = tmp_path / f"serve-{Path(ray_tmp).name}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "adpa.cli", "serve", "--ray", "--role", "teacher", "--model", str(teacher_path),
+             "--reference", str(reference_path), "--port", str(ports["grpc"]), "--http-port", str(ports["http"]),
+             "--grace-period-s", "5", *flags],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        yield proc, ports, log, ray_tmp
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for leftover in ray_processes(ray_tmp):  # only this test's Ray: its processes name its temp dir
+            leftover.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def ray_processes(ray_tmp: str) -> list:
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(ray_tmp in part for part in process.info["cmdline"] or ()):
+            found.append(process)
+    return found
+
+
+def stopped_cleanly(proc, ray_tmp: str, within_s: float) -> float:
+    """SIGTERM `proc`; return how long it took to exit 0, after checking no process of its Ray is left."""
+    import psutil
+
+    started = time.monotonic()
+    family = psutil.Process(proc.pid).children(recursive=True) + ray_processes(ray_tmp)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(within_s) == 0
+    took = time.monotonic() - started
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.cmdline() for p in alive]
+    assert not ray_processes(ray_tmp)
+    return took
+
+
+@pytest.mark.slow
+def test_an_over_asking_start_fails_with_one_line(tmp_path, teacher_path, reference_path):
+    with serve_ray_process(tmp_path, teacher_path, reference_path, "--ray-cpus-per-replica", "1000") as run:
+        proc, _, log, ray_tmp = run
+        assert proc.wait(120) == 2
+        lines = [line for line in log.read_text().splitlines() if line.startswith("adpa serve:")]
+        assert len(lines) == 1 and "ask for 2000 CPUs" in lines[0] and "--ray-allow-degraded" in lines[0], lines
+        assert not ray_processes(ray_tmp)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_adpa_serve_ray_in_every_state(tmp_path, teacher_path, reference_path):
+    """Starting (Ray coming up), then serving degraded with a replica that cannot be placed: each
+    stops within its grace period (5 s, plus Ray's own teardown), and no process of its Ray is left."""
+    from ray._private.utils import get_num_cpus
+
+    with serve_ray_process(tmp_path, teacher_path, reference_path) as (proc, _, log, ray_tmp):
+        deadline = time.monotonic() + 60
+        while not ray_processes(ray_tmp):  # Ray is starting
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        stopped_cleanly(proc, ray_tmp, within_s=60)
+
+    # Two teacher replicas (the reference in each) asking for all CPUs each: one is placed.
+    cpus = str(get_num_cpus())
+    flags = ("--ray-colocate-reference", "--ray-replicas", "2", "--ray-cpus-per-replica", cpus, "--ray-allow-degraded")
+    with serve_ray_process(tmp_path, teacher_path, reference_path, *flags) as (proc, ports, log, ray_tmp):
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{ports['http']}/readyz", timeout=5)
+                if ready.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "adpa serve --ray never served"
+            time.sleep(1)
+        assert "some replicas cannot be placed" in ready.json()["detail"]
+        assert "serving degraded" in log.read_text()
+        # The pending replica is dropped after the grace period (5 s); then Serve and Ray stop.
+        assert stopped_cleanly(proc, ray_tmp, within_s=60) < 5 + 15

@@ -221,7 +221,7 @@ def test_served_model_name_in_answers_info_and_metrics(real, tokenizer):
     sequences, ranges = _sequences(tokenizer)
     result = frontend.score(ScoreQuery(sequences, ranges, "advantage", SupportSpec("topk", k=4)))
     assert (result.model.model_name, result.reference.model_name) == ("qwen-mini-dpo", "qwen-mini-sft")
-    http = TestClient(create_app(frontend))
+    http = TestClient(create_app(frontend, config))
     info = http.get("/v1/info").json()
     assert info["model"]["model_name"] == "qwen-mini-dpo" and info["reference"]["model_name"] == "qwen-mini-sft"
     metrics = http.get("/metrics").text

@@ -68,12 +68,6 @@ class PreferenceExample:
     rejected: list[int]
 
 
-@dataclass
-class SFTExample:
-    prompt: list[int]
-    response: list[int]
-
-
 def _fit(prompt: list[int], response: list[int], max_length: int) -> list[int] | None:
     """Truncate a response to fit max_length with its prompt; None when the prompt alone doesn't fit."""
     room = max_length - len(prompt)
@@ -98,26 +92,4 @@ def tokenize_preferences(
         out.append(PreferenceExample(prompt, chosen, rejected))
     if skipped:
         logger.warning("skipped %d of %d preference records longer than max_length=%d", skipped, len(records), max_length)
-    return out
-
-
-def tokenize_sft(
-    records: datasets.Dataset | list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int = 1024
-) -> list[SFTExample]:
-    """Tokenise SFT records: `messages` (the last assistant turn is the response) or prompt/completion."""
-    out = []
-    for i, record in enumerate(records):
-        if "messages" in record:
-            messages = record["messages"]
-            if not messages or messages[-1]["role"] != "assistant":
-                raise ValueError(f"SFT record {i}: the last message must be the assistant's response")
-            prompt, response = messages[:-1], messages[-1:]
-        elif {"prompt", "completion"} <= set(record):
-            prompt, response = record["prompt"], record["completion"]
-        else:
-            raise ValueError(f"SFT record {i} needs `messages` or `prompt` + `completion`; it has {sorted(record)}")
-        prompt_ids = encode_prompt(tokenizer, prompt)
-        response_ids = _fit(prompt_ids, encode_response(tokenizer, prompt, response), max_length)
-        if response_ids:
-            out.append(SFTExample(prompt_ids, response_ids))
     return out

@@ -19,9 +19,7 @@ Every call passes through `ServiceInterceptor` before its request message is rea
 from __future__ import annotations
 
 import asyncio
-import hmac
 import inspect
-import logging
 import traceback
 
 import grpc
@@ -30,32 +28,11 @@ from grpc import aio
 from adpa.errors import DeadlineExceeded, InvalidArgument, ServiceError, Unauthenticated
 from adpa.services.frontend import Frontend
 from adpa.services.memory import release_free_memory
-
-logger = logging.getLogger(__name__)
+from adpa.services.status import as_service_error, grpc_status
 
 # Probes (Kubernetes, load balancers) can't send tokens; health reveals nothing else.
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
-INTERNAL_MESSAGE = "internal error; the server log has the details"
 TRIM_AFTER_BYTES = 8 << 20
-
-
-def status_of(err: ServiceError) -> grpc.StatusCode:
-    """The gRPC status of a service error (the error codes are gRPC's names)."""
-    return grpc.StatusCode[err.code]
-
-
-def check_bearer(metadata, token: str) -> None:
-    """Raise Unauthenticated unless some `authorization` entry of `metadata` is `Bearer <token>`."""
-    expected = f"Bearer {token}".encode()
-    offered = [
-        value.encode() if isinstance(value, str) else value
-        for key, value in (metadata or ())
-        if key.lower() == "authorization"
-    ]
-    # Compare against every entry, without stopping early, in constant time per entry.
-    matches = [hmac.compare_digest(value, expected) for value in offered]
-    if not any(matches):
-        raise Unauthenticated("missing bearer token" if not offered else "invalid bearer token")
 
 
 def _forget_frames(err: BaseException) -> None:
@@ -83,17 +60,16 @@ class ServiceInterceptor(aio.ServerInterceptor):
     """Auth before the message is read, a deadline for receiving it, parse errors as INVALID_ARGUMENT,
     ServiceError -> status (with a retry hint), internal faults hidden, every unary call counted."""
 
-    def __init__(self, frontend: Frontend, *, token: str | None = None, receive_timeout_s: float = 30.0):
+    def __init__(self, frontend: Frontend, *, receive_timeout_s: float = 30.0):
         self.frontend = frontend
-        self._token = token
         self.receive_timeout_s = receive_timeout_s
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
-        if self._token is not None and not method.startswith(UNAUTHENTICATED_PREFIXES):
+        if not method.startswith(UNAUTHENTICATED_PREFIXES):
             try:
-                check_bearer(handler_call_details.invocation_metadata, self._token)
+                self.frontend.authenticate(handler_call_details.invocation_metadata)
             except Unauthenticated as err:
                 # Unknown methods too (one label for all of them: callers choose these names).
                 return self._refusal(method.rsplit("/", 1)[-1] if handler is not None else "unknown", err)
@@ -138,10 +114,10 @@ class ServiceInterceptor(aio.ServerInterceptor):
             except Exception as err:
                 if context.code() not in (None, grpc.StatusCode.OK):  # aborted deeper down: pass it on
                     raise
-                logger.exception("internal error in %s", method)
+                hidden = as_service_error(err, method)
                 raw = request = response = None
                 _forget_frames(err)
-                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+                await self._abort(context, hidden)
 
         # Same wire as a unary call (one message, then half-close); only who reads it changes.
         return grpc.stream_unary_rpc_method_handler(behavior, response_serializer=handler.response_serializer)
@@ -173,4 +149,4 @@ class ServiceInterceptor(aio.ServerInterceptor):
     async def _abort(context, err: ServiceError) -> None:
         if err.retry_after_ms is not None:
             context.set_trailing_metadata((("grpc-retry-pushback-ms", str(err.retry_after_ms)),))
-        await context.abort(status_of(err), err.message)
+        await context.abort(grpc_status(err), err.message)

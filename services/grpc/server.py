@@ -3,8 +3,8 @@
 It is the asyncio server (`grpc.aio`) on an event loop of its own thread, behind a blocking
 facade (`start`, `stop`, `port`) for `adpa serve`. On the loop a call costs a coroutine, not a
 thread: callers that connect and never send their message (or never authenticate) cannot
-exhaust a thread pool and take health checks down with them. Scoring runs on `executor`, one
-thread per admission slot (see `servicer.py`).
+exhaust a thread pool and take health checks down with them. Scoring runs on the front end's
+threads, one per admission slot (see `Frontend.answer_pb_async`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -75,8 +74,6 @@ class GrpcServer:
     def __init__(self, frontend: Frontend, config: ServeConfig):
         self.frontend = frontend
         self.config = config
-        # One thread per admission slot: an admitted Score never waits for a thread.
-        self.executor = ThreadPoolExecutor(max_workers=config.max_inflight, thread_name_prefix="adpa-grpc")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="adpa-grpc-loop", daemon=True)
         self._thread.start()
@@ -93,15 +90,14 @@ class GrpcServer:
 
     async def _build(self) -> int:
         config = self.config
-        token = config.auth_token.get_secret_value() if config.auth_token is not None else None
         self.server = aio.server(
-            interceptors=[ServiceInterceptor(self.frontend, token=token, receive_timeout_s=config.receive_timeout_s)],
+            interceptors=[ServiceInterceptor(self.frontend, receive_timeout_s=config.receive_timeout_s)],
             options=[  # gRPC's default is 4 MiB
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.max_receive_message_length", config.max_message_bytes),
             ],
         )
-        scoring_pb2_grpc.add_ScorerServicer_to_server(ScorerServicer(self.frontend, self.executor), self.server)
+        scoring_pb2_grpc.add_ScorerServicer_to_server(ScorerServicer(self.frontend), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection(self.server, (SERVICE_NAME, health.SERVICE_NAME))
@@ -117,7 +113,7 @@ class GrpcServer:
     async def _start(self) -> None:
         await self.server.start()
         await self._set_health(True)
-        if self.frontend.service.reference is not None:
+        if self.frontend.has_reference:
             self._watcher = asyncio.create_task(self._watch_reference())
 
     async def _set_health(self, serving: bool) -> None:
@@ -133,7 +129,7 @@ class GrpcServer:
             await asyncio.sleep(period_s)
             if self.frontend.draining:
                 return
-            ready = await loop.run_in_executor(None, self.frontend.service.ready)  # a blocking RPC
+            ready = await loop.run_in_executor(None, self.frontend.ready)  # a blocking RPC
             if ready != serving and not self.frontend.draining:
                 status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
                 await self.health.set(SERVICE_NAME, status)
@@ -156,4 +152,3 @@ class GrpcServer:
     def _close_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
-        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -18,7 +18,6 @@ the token is checked first (before the body is read), then the body's size (413 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -28,44 +27,24 @@ from typing import TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from adpa.errors import ServiceError
+from adpa import __version__
+from adpa.errors import ServiceError, Unauthenticated
+from adpa.services.config import ServeConfig
 from adpa.services.frontend import Frontend
 from adpa.services.http.schema import ModelInfoJSON, ScoreRequestJSON, ScoreResponseJSON
+from adpa.services.status import CODE_OF_HTTP_STATUS, as_service_error, http_status
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Service error code -> HTTP status. RESOURCE_EXHAUSTED is 429 (retry later) only with a retry hint;
-# without one it is a size limit, which retrying cannot help: 413.
-HTTP_STATUS = {
-    "INVALID_ARGUMENT": 400,
-    "OUT_OF_RANGE": 400,
-    "UNAUTHENTICATED": 401,
-    "RESOURCE_EXHAUSTED": 413,
-    "CANCELLED": 499,
-    "INTERNAL": 500,
-    "UNAVAILABLE": 503,
-    "DEADLINE_EXCEEDED": 504,
-}
-INTERNAL_MESSAGE = "internal error; the server log has the details"
-# HTTP status -> error code, for refusals that come from the framework rather than the service.
-CODE_OF_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-                  405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED", 422: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
-                  500: "INTERNAL", 503: "UNAVAILABLE"}
 # Routes answered without a token, whatever the configuration (Kubernetes probes send none).
 PROBES = ("/healthz", "/readyz")
 # Metric labels of the routes (others share one label: callers choose paths).
 METHODS = {"/v1/score": "Score", "/v1/info": "ModelInfo"}
-
-
-def http_status(err: ServiceError) -> int:
-    if err.code == "RESOURCE_EXHAUSTED" and err.retry_after_ms is not None:
-        return 429
-    return HTTP_STATUS.get(err.code, 500)
 
 
 def error_response(err: ServiceError) -> JSONResponse:
@@ -76,11 +55,9 @@ def error_response(err: ServiceError) -> JSONResponse:
 class Guard:
     """ASGI middleware: auth before the body is read, a body-size limit, a deadline for the body."""
 
-    def __init__(self, app, frontend: Frontend, *, token: str | None, max_body_bytes: int,
-                 receive_timeout_s: float, open_metrics: bool):
+    def __init__(self, app, frontend: Frontend, *, max_body_bytes: int, receive_timeout_s: float, open_metrics: bool):
         self.app = app
         self.frontend = frontend
-        self.expected = f"Bearer {token}".encode() if token is not None else None
         self.max_body_bytes = max_body_bytes
         self.receive_timeout_s = receive_timeout_s
         self.open_paths = PROBES + (("/metrics",) if open_metrics else ())
@@ -93,12 +70,11 @@ class Guard:
         path = scope["path"]
         method = METHODS.get(path, "other")
         headers = scope.get("headers") or []
-        if self.expected is not None and path not in self.open_paths:
-            offered = [value for key, value in headers if key.lower() == b"authorization"]
-            matches = [hmac.compare_digest(value, self.expected) for value in offered]  # every entry, constant time
-            if not any(matches):
-                message = "missing bearer token" if not offered else "invalid bearer token"
-                await self._refuse(send, method, 401, "UNAUTHENTICATED", message, {"www-authenticate": "Bearer"})
+        if path not in self.open_paths:
+            try:
+                self.frontend.authenticate(headers)
+            except Unauthenticated as err:
+                await self._refuse(send, method, 401, err.code, err.message, {"www-authenticate": "Bearer"})
                 return
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
@@ -141,7 +117,7 @@ class Guard:
 
     async def _refuse(self, send, method: str, status: int, code: str, message: str,
                       headers: dict[str, str] | None = None) -> None:
-        self.frontend.metrics.requests.labels("http", method, code).inc()
+        self.frontend.count("http", method, code)
         logger.info("http %s refused (%s): %s", method, code, message)
         body = json.dumps({"error": code, "message": message}).encode()
         raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -151,22 +127,16 @@ class Guard:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(
-    frontend: Frontend,
-    token: str | None = None,
-    *,
-    max_body_bytes: int = 4 << 20,
-    receive_timeout_s: float = 30.0,
-    open_metrics: bool = True,
-) -> FastAPI:
-    app = FastAPI(title="adpa scoring service", version=frontend.service.info().server_version)
-    app.add_middleware(Guard, frontend=frontend, token=token, max_body_bytes=max_body_bytes,
-                       receive_timeout_s=receive_timeout_s, open_metrics=open_metrics)
+def create_app(frontend: Frontend, config: ServeConfig) -> FastAPI:
+    """The HTTP app of `frontend` (whose token, if any, every route but the probes asks for)."""
+    app = FastAPI(title="adpa scoring service", version=__version__)
+    app.add_middleware(Guard, frontend=frontend, max_body_bytes=int(config.http_max_body_mb * (1 << 20)),
+                       receive_timeout_s=config.receive_timeout_s, open_metrics=config.open_metrics)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """Starlette's own refusals (unparsable JSON, unknown route, wrong method) in the same format."""
-        code = CODE_OF_STATUS.get(exc.status_code, "UNKNOWN")
+        code = CODE_OF_HTTP_STATUS.get(exc.status_code, "UNKNOWN")
         return JSONResponse({"error": code, "message": str(exc.detail)}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
@@ -181,7 +151,7 @@ def create_app(
         if len(exc.errors()) > 3:
             message += f"; and {len(exc.errors()) - 3} more"
         method = METHODS.get(request.url.path, "other")
-        frontend.metrics.requests.labels("http", method, "INVALID_ARGUMENT").inc()
+        frontend.count("http", method, "INVALID_ARGUMENT")
         return JSONResponse({"error": "INVALID_ARGUMENT", "message": message, "detail": errors}, status_code=422)
 
     def call(method: str, work: Callable[[], T]) -> T | JSONResponse:
@@ -189,11 +159,8 @@ def create_app(
         try:
             with frontend.observe(method, "http"):
                 return work()
-        except ServiceError as err:
-            return error_response(err)
-        except Exception:
-            logger.exception("internal error in HTTP %s", method)
-            return JSONResponse({"error": "INTERNAL", "message": INTERNAL_MESSAGE}, status_code=500)
+        except Exception as err:
+            return error_response(as_service_error(err, f"HTTP {method}"))
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -202,11 +169,12 @@ def create_app(
     @app.get("/readyz")
     def readyz() -> JSONResponse:
         ready = frontend.ready()
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+        detail = {"detail": frontend.warning} if frontend.warning else {}
+        return JSONResponse({"ready": ready, **detail}, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        return Response(generate_latest(frontend.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(frontend.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/info", response_model=ModelInfoJSON)
     def info():
@@ -216,11 +184,8 @@ def create_app(
     def score(body: ScoreRequestJSON, request: Request):
         caller = f"{request.client.host}:{request.client.port}" if request.client else "http"
 
-        def work() -> ScoreResponseJSON:
-            query = body.to_record(check_size=frontend.check_size)  # sizes checked before the split
-            return ScoreResponseJSON.from_record(frontend.score(query, caller=caller), body.request_id)
-
-        return call("Score", work)
+        encode = lambda result, query: ScoreResponseJSON.from_record(result, body.request_id)  # noqa: E731
+        return call("Score", lambda: frontend.answer(body.to_record, encode, caller=caller))
 
     return app
 

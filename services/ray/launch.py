@@ -3,8 +3,10 @@
     adpa serve --ray --role teacher --model runs/dpo --reference runs/sft --auth-token "$TOKEN" \\
         --ray-replicas 2 --port 9000 --http-port 8000
 
-Starts (or joins, `--ray-address auto`) a Ray cluster, starts Serve with its gRPC proxy on `port`
-and its HTTP proxy on `host:http_port`, deploys `build_app`, and tears it down on SIGTERM.
+Starts (or joins, `--ray-address auto`) a Ray cluster, checks that the deployments fit it (exit 2
+naming the numbers, or `--ray-allow-degraded`), starts Serve with its gRPC proxy on `port` and
+its HTTP proxy on `host:http_port`, deploys `build_app`, and on SIGTERM, whatever it is doing
+(starting Ray, replicas pending, serving), deletes the application and stops the Ray it started.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
+import time
 
 from adpa.services.config import ServeConfig
+from adpa.services.ray.placement import app_asks, shortfall
+from adpa.services.stop import stop_requested
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +31,7 @@ SECRETS = ("auth_token", "reference_token")
 def app_args(config: ServeConfig) -> dict:
     """The application arguments of `config`: every field set, but its role, the Ray start-up
     options and the secrets (those reach the replicas through their environment)."""
-    skip = {"role", "ray", "ray_address", "host", "port", "http_port", *SECRETS}
+    skip = {"role", "ray", "ray_address", "ray_allow_degraded", "host", "port", "http_port", *SECRETS}
     return {k: v for k, v in config.model_dump(mode="json").items() if k not in skip and v is not None}
 
 
@@ -54,10 +60,33 @@ def check_settings(config: ServeConfig) -> None:
                          "front of it (a load balancer or Kubernetes ingress)")
 
 
-def serve_on_ray(config: ServeConfig) -> None:
+def watch(stop: threading.Event, warning: str | None, period_s: float = 1.0, remind_s: float = 60.0) -> int:
+    """Until `stop`: follow the application's status (exit code 1 if its deployment fails) and, while
+    serving degraded, repeat `warning` in the log every `remind_s`."""
+    from ray import serve
+
+    last_reminder = time.monotonic()
+    while not stop.wait(period_s):
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None and app.status == "DEPLOY_FAILED":
+            logger.error("the application failed to deploy: %s", app.message)
+            return 1
+        if warning and time.monotonic() - last_reminder >= remind_s:
+            logger.warning("serving degraded: %s", warning)
+            last_reminder = time.monotonic()
+    return 0
+
+
+def serve_on_ray(config: ServeConfig) -> int:
+    """Start (or join) Ray, deploy, serve until SIGTERM or SIGINT, then delete the application and
+    stop a local Ray this started. Returns the exit code: 2 when the deployments cannot all be
+    placed (unless `ray_allow_degraded`), 1 when the deployment fails, else 0."""
     # Ray's crash handler in this driver would also catch the SIGTERM that asks for a clean stop
     # (and abort the process after the drain); set before Ray loads. Replicas keep theirs.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    # Serve's gRPC proxy takes its message limit from the environment of the Ray it runs in (2 GiB
+    # by default): the same limit as `adpa serve`, for a local Ray this starts.
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(config.max_message_bytes))
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import ray
     from ray import serve
@@ -65,28 +94,44 @@ def serve_on_ray(config: ServeConfig) -> None:
     from adpa.services.ray.app import GRPC_SERVICER_FUNCTIONS, build_app
 
     check_settings(config)
-    ray.init(address=config.ray_address, include_dashboard=False,
-             runtime_env={"env_vars": secret_env(config)} if secret_env(config) else None)
-    # After ray.init, which installs its own SIGTERM handler (exit at once): a stop asked for
-    # while the application deploys waits for the deployment, then tears it down.
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_requested()
+    code = 0
     try:
+        try:
+            ray.init(address=config.ray_address, include_dashboard=False,
+                     runtime_env={"env_vars": secret_env(config)} if secret_env(config) else None)
+        except SystemExit:  # ray.init's own SIGTERM handler: a stop asked for while Ray starts
+            return 0
+        stop = stop_requested(stop)  # ray.init replaced the handlers with its own (exit at once)
+        if stop.is_set():
+            return 0
+        warning = shortfall(app_asks(config), ray.cluster_resources())
+        if warning and not config.ray_allow_degraded:
+            print(f"adpa serve: {warning} (or pass --ray-allow-degraded)", file=sys.stderr, flush=True)
+            return 2
+        if warning:
+            logger.warning("serving degraded (--ray-allow-degraded): %s", warning)
         serve.start(
             http_options={"host": config.host, "port": config.http_port},
             grpc_options={"port": config.port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS},
         )
-        serve.run(build_app(app_args(config)), name=APP_NAME, route_prefix="/")
+        # Not `serve.run`: it waits until every replica runs, which may be never (replicas that
+        # cannot be placed), and a stop must not wait for it.
+        serve._run(build_app(app_args(config)), name=APP_NAME, route_prefix="/", _blocking=False)
         logger.info("Ray Serve application %r: gRPC on :%d, HTTP on %s:%d", APP_NAME, config.port, config.host,
                     config.http_port)
-        stop.wait()
+        code = watch(stop, warning)
         logger.info("deleting the application")
         serve.delete(APP_NAME)
+    except Exception:
+        logger.exception("adpa serve --ray failed")
+        code = 1
     finally:
         # Stopping now: a further SIGTERM (a supervisor repeating it, or Ray's process reaper
         # signalling its process group, which includes this driver) must not cut the teardown.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
+        ray.shutdown()  # a local Ray this started (even half started) stops with it
         logger.info("stopped")
+    return code
