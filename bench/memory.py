@@ -69,7 +69,7 @@ def measure_point(point: dict) -> dict:
     from adpa.services.engine import ScoringEngine
     from adpa.services.scoring import ScoringService
     from adpa.protocol import Limits
-    from adpa.tiny_model import build_tokenizer
+    from adpa.tiny_model import SPECIAL_TOKENS, build_tokenizer
 
     torch.set_num_threads(1)
     vocab, positions, seq_len = point["vocab"], point["positions"], point["seq_len"]
@@ -79,7 +79,9 @@ def measure_point(point: dict) -> dict:
     torch.manual_seed(0)
     device = torch.device(point["device"])
     model = LlamaForCausalLM(config).to(device=device, dtype=getattr(torch, point.get("dtype", "float32")))
-    engine = ScoringEngine(model, build_tokenizer(), name=f"random-{vocab}", model_hash="-",
+    # A tokenizer as wide as the model: every id is a real token (none is padding the engine would cut off).
+    tokenizer = build_tokenizer([f"w{i}" for i in range(vocab - len(SPECIAL_TOKENS))])
+    engine = ScoringEngine(model, tokenizer, name=f"random-{vocab}", model_hash="-",
                            logits_budget_bytes=int(point["logits_budget_mb"] * MIB), batching=False)
     limits = Limits(max_positions=1 << 20, max_dense_positions=1 << 20, max_message_bytes=1 << 40)
     service = ScoringService(engine, role="reference", limits=limits)

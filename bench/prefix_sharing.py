@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         plain = ScoringEngine.from_pretrained(str(model), min_shared_prefix=0, **load)
         shared = ScoringEngine.from_pretrained(str(model), min_shared_prefix=16, **load)
         for ratio in (int(r) for r in args.ratios.split(",")):
-            seqs, ranges = dckd_request(args, ratio, plain.vocab_size)
+            seqs, ranges = dckd_request(args, ratio, plain.shared_vocab)
             positions = sum(e - s for s, e in ranges)
             groups = shared_prefix_groups(seqs, shared.min_shared_prefix)
             tokens_plain = sum(len(s) for s in seqs)

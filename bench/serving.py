@@ -134,7 +134,7 @@ def payload_per_position(kind: str, width: int, value_bytes: int) -> int:
 
 def measure_wire(args, service: ScoringService, seqs, ranges) -> list[dict]:
     positions = sum(e - s for s, e in ranges)
-    specs = supports(args, positions, service.engine.vocab_size)
+    specs = supports(args, positions, service.engine.shared_vocab)
     rows = []
     for kind, spec in specs.items():
         if kind == "dense" and positions * service.engine.vocab_size * 4 > args.dense_max_mb * MIB:
@@ -328,7 +328,7 @@ def main(argv=None) -> int:
         work = Path(args.workdir or tmp)
         engine, ref_engine, teacher, reference = load_engines(args, work)
         service = ScoringService(engine, role="teacher", reference=LocalReference(ref_engine))
-        seqs, ranges = make_batch(args, engine.vocab_size)
+        seqs, ranges = make_batch(args, engine.shared_vocab)
         positions = sum(e - s for s, e in ranges)
         shape = model_shape(ref_engine.model)
         groups = shared_prefix_groups(seqs, engine.min_shared_prefix) if engine.min_shared_prefix else []
