@@ -3,8 +3,9 @@
     adpa serve --ray --role teacher --model runs/dpo --reference runs/sft --auth-token "$TOKEN" \\
         --ray-replicas 2 --port 9000 --http-port 8000
 
-Starts (or joins, `--ray-address auto`) a Ray cluster, checks that the deployments fit it (exit 2
-naming the numbers, or `--ray-allow-degraded`), starts Serve with its gRPC proxy on `port` and
+Checks that the deployments fit the cluster (exit 2 naming the numbers, or `--ray-allow-degraded`:
+before starting a local Ray, whose resources are known, and again once joined), starts (or joins,
+`--ray-address auto`) it, starts Serve with its gRPC proxy on `port` and
 its HTTP proxy on `host:http_port`, deploys `build_app`, and on SIGTERM, whatever it is doing
 (starting Ray, replicas pending, serving), deletes the application and stops the Ray it started.
 """
@@ -19,7 +20,7 @@ import threading
 import time
 
 from adpa.services.config import ServeConfig
-from adpa.services.ray.placement import app_asks, shortfall
+from adpa.services.ray.placement import app_asks, local_resources, shortfall
 from adpa.services.stop import stop_requested
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,12 @@ def serve_on_ray(config: ServeConfig) -> int:
     from adpa.services.ray.app import GRPC_SERVICER_FUNCTIONS, build_app
 
     check_settings(config)
+    # A local Ray's resources are known before it starts: an over-asking start fails in a second.
+    if config.ray_address == "local" and not config.ray_allow_degraded:
+        warning = shortfall(app_asks(config), local_resources())
+        if warning:
+            print(f"adpa serve: {warning} (or pass --ray-allow-degraded)", file=sys.stderr, flush=True)
+            return 2
     stop = stop_requested()
     code = 0
     try:

@@ -32,6 +32,15 @@ def app_asks(config: ServeConfig) -> list[Ask]:
     return asks
 
 
+def local_resources() -> dict[str, float]:
+    """What a local Ray started here will have, known before starting it: Ray's own CPU count
+    (cgroup limits included) and the GPUs visible to this process."""
+    import torch
+    from ray._private.utils import get_num_cpus
+
+    return {"CPU": float(get_num_cpus()), "GPU": float(torch.cuda.device_count())}
+
+
 def shortfall(asks: list[Ask], resources: dict[str, float]) -> str | None:
     """None when every replica fits the cluster's totals (`ray.cluster_resources()`); else one line
     naming the numbers."""
