@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GRPC_CASES, HTTP_CASES = 2000, 500  # ~20 s together on 2 cores (the fixture's server start aside)
+GRPC_CASES, HTTP_CASES = 1000, 300  # ~12 s together on 2 cores (the fixture's server start aside)
 
 
 def _load_fuzz():
