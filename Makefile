@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.adpa-installed
 PROTOC := $(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto
 
-.PHONY: install test test-fast demo proto bench deploy-check clean
+.PHONY: install test test-fast demo proto bench robustness deploy-check clean
 
 install: $(STAMP)
 
@@ -53,6 +53,12 @@ bench: $(STAMP)
 	$(BIN)/adpa bench concurrency
 	$(BIN)/adpa bench prefix_sharing
 	$(BIN)/adpa bench memory
+
+# The robustness checks of docs/operations.md, briefly (each exits non-zero on a failure; the long runs
+# are their defaults: python robustness/fuzz.py, python robustness/soak.py).
+robustness: $(STAMP)
+	$(BIN)/python robustness/fuzz.py --grpc-cases 300 --http-cases 100
+	$(BIN)/python robustness/soak.py --minutes 0.5 --burst-requests 2
 
 # The deployment files offline (no Docker engine needed): hadolint, the Compose schema, and
 # tests/test_deploy.py, which runs the CPU stack's commands and health checks as processes.

@@ -133,14 +133,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from adpa.services.config import ServeConfig
-
     parser = argparse.ArgumentParser(
         prog="adpa",
         description="Serve DPO teacher signals over gRPC and distil preference alignment into small models.",
     )
     parser.add_argument("--version", action="version", version=f"adpa {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_serve, _add_make_tiny_model, _add_info, _add_own_parsers, _add_demo, _add_quickstart):
+        add(commands)
+    return parser
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    """`adpa serve`: every setting of ServeConfig is a flag."""
+    from adpa.services.config import ServeConfig
 
     serve = commands.add_parser(
         "serve",
@@ -152,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(serve, ServeConfig)
     serve.set_defaults(func=_serve)
 
+
+def _add_make_tiny_model(commands: argparse._SubParsersAction) -> None:
+    """`adpa make-tiny-model`."""
     tiny = commands.add_parser(
         "make-tiny-model",
         help="build a tiny random Llama model + word-level tokenizer offline",
@@ -167,12 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--max-seq-len", type=int, default=256, help="max positions (default: 256)")
     tiny.set_defaults(func=_make_tiny_model)
 
+
+def _add_info(commands: argparse._SubParsersAction) -> None:
+    """`adpa info`."""
     info = commands.add_parser("info", help="print a service's model info (the handshake)")
     info.add_argument("endpoint", help="host:port or grpc://host:port")
     info.add_argument("--token", help="bearer token, when the service requires one")
     info.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
     info.set_defaults(func=_info)
 
+
+def _add_own_parsers(commands: argparse._SubParsersAction) -> None:
+    """train, eval and bench, listed here for the help; `main` hands them their flags unparsed."""
     commands.add_parser(
         "train", help="train a model: sft, dpo, simpo, seqkd, dckd, adpa, adpa-plus, ... (see `adpa train --help`)",
         add_help=False,
@@ -182,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("bench", help="run a benchmark: serving, fidelity, step_overhead, concurrency, memory, ... "
                         "(see `adpa bench --help`)", add_help=False)
 
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
+    """`adpa demo`."""
     demo = commands.add_parser(
         "demo",
         help="the whole pipeline on the built-in preference world, through the real services",
@@ -212,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where results.json, results.md and results.png go (default: the workdir)")
     demo.set_defaults(func=_demo)
 
+
+def _add_quickstart(commands: argparse._SubParsersAction) -> None:
+    """`adpa quickstart`."""
     quick = commands.add_parser(
         "quickstart",
         help="start a tiny teacher and reference as services and query them (about 20 s)",
@@ -220,8 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quick.add_argument("--workdir", default="runs/quickstart", help="where models are written (default: %(default)s)")
     quick.set_defaults(func=_quickstart)
-    return parser
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv

@@ -24,6 +24,8 @@ import sys
 BENCHMARKS = ("serving", "fidelity", "step_overhead", "concurrency", "memory", "prefix_sharing", "demo_time", "plots")
 ALIASES = {"overhead": "step_overhead", "prefix": "prefix_sharing", "plot": "plots", "demo": "demo_time"}
 NOT_BENCHMARKS = {"presets"}  # modules here that are helpers, not commands
+# Robustness checks with pass/fail and dev-only dependencies, once benchmarks here: not shipped any more.
+MOVED = {"fuzz": "robustness/fuzz.py", "soak": "robustness/soak.py"}
 
 
 def names() -> list[str]:
@@ -69,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     name = ALIASES.get(argv[0], argv[0]).replace("-", "_")
+    if name in MOVED:
+        print(f"adpa bench: {name} is a robustness check now, not a benchmark: from a checkout, run "
+              f"`python {MOVED[name]}` (`make robustness` runs both briefly)", file=sys.stderr)
+        return 2
     if name not in names():
         print(f"adpa bench: unknown benchmark {argv[0]!r}; expected one of {', '.join(names())} "
               f"(or {', '.join(ALIASES)})", file=sys.stderr)

@@ -35,7 +35,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers.utils import logging as hf_logging
 
-from adpa.bench.report import emit
+from adpa.bench.report import add_out, benchmark_parser, emit, table_line
 from adpa.client import TeacherClient
 from adpa.protocol import SupportSpec
 from adpa.services.launch import ServiceProcess, free_port
@@ -43,8 +43,7 @@ from adpa.tiny_model import make_tiny_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = benchmark_parser(__doc__)
     p.add_argument("--trainers", default="1,2,4,8", help="comma-separated numbers of concurrent trainers")
     p.add_argument("--modes", default="standalone,ray", help="comma-separated: standalone, ray")
     p.add_argument("--batching", default="off,on", help="comma-separated: off, on")
@@ -66,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "reserves half a GPU")
     p.add_argument("--models-dir", help="with --preset: where its checkpoints go (default: --workdir)")
     p.add_argument("--workdir", help="where models and logs go (default: a temporary folder)")
-    p.add_argument("--out", help="write the JSON here instead of stdout")
+    add_out(p)
     return p.parse_args(argv)
 
 
@@ -212,20 +211,19 @@ def ray_app(args, cluster, teacher: Path, reference: Path, batching: bool):
 
 
 def print_table(doc: dict) -> None:
-    err = lambda s="": print(s, file=sys.stderr)  # noqa: E731
     c = doc["config"]
     model = f"preset {c['preset']}" if c.get("preset") else f"{c['layers']}x{c['hidden']}"
-    err(f"model {model}, V={doc['vocab_size']}; requests of {c['batch']} sequences of "
-        f"{c['min_len']}-{c['max_len']} tokens, ADVANTAGE top-{c['k']}; {c['duration']:.0f} s per point; "
-        f"{doc['cpus']} CPUs")
-    err(f"{'mode':10} {'batching':8} {'trainers':>8} {'pos/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'req/fwd':>8} "
-        f"{'seq/fwd':>8} {'errors':>6}")
+    table_line(f"model {model}, V={doc['vocab_size']}; requests of {c['batch']} sequences of "
+               f"{c['min_len']}-{c['max_len']} tokens, ADVANTAGE top-{c['k']}; {c['duration']:.0f} s per point; "
+               f"{doc['cpus']} CPUs")
+    table_line(f"{'mode':10} {'batching':8} {'trainers':>8} {'pos/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'req/fwd':>8} "
+               f"{'seq/fwd':>8} {'errors':>6}")
     for r in doc["points"]:
-        err(f"{r['mode']:10} {r['batching']:8} {r['trainers']:8d} {r['positions_per_s']:9.0f} "
-            f"{r['latency_p50_ms']:8.1f} {r['latency_p99_ms']:8.1f} {r['requests_per_forward']:8.2f} "
-            f"{r['sequences_per_forward']:8.2f} {r['errors']:6d}")
+        table_line(f"{r['mode']:10} {r['batching']:8} {r['trainers']:8d} {r['positions_per_s']:9.0f} "
+                   f"{r['latency_p50_ms']:8.1f} {r['latency_p99_ms']:8.1f} {r['requests_per_forward']:8.2f} "
+                   f"{r['sequences_per_forward']:8.2f} {r['errors']:6d}")
     for name, value in doc["summary"].items():
-        err(f"{name}: {value:.2f}")
+        table_line(f"{name}: {value:.2f}")
 
 
 def summarize(points: list[dict]) -> dict[str, float]:
@@ -278,8 +276,7 @@ def main(argv=None) -> int:
                         for n in trainer_counts:
                             point = run_point(args, endpoint, token, metrics_url, n, vocab)
                             points.append({"mode": mode, "batching": batching, **point})
-                            print(f"{mode} batching={batching} trainers={n}: {point['positions_per_s']:.0f} pos/s",
-                                  file=sys.stderr)
+                            table_line(f"{mode} batching={batching} trainers={n}: {point['positions_per_s']:.0f} pos/s")
     doc = {"config": vars(args), "vocab_size": vocab, "cpus": os.cpu_count(), "torch": torch.__version__,
            "points": points, "summary": summarize(points)}
     print_table(doc)

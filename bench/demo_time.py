@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from adpa.bench.report import emit
+from adpa.bench.report import add_out, emit, table_line
 
 # What a table is made of: per method (row), these fields; and the loss curves of every run.
 ROW_FIELDS = ("setting", "reward_greedy", "reward_sampled", "win_rate_vs_ADPA_greedy", "win_rate_vs_ADPA_sampled",
@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="runs, one after the other (default: 1)")
     p.add_argument("--baseline", help="a results.json to compare every run's table with")
     p.add_argument("--workdir", help="keep the runs here (default: a temporary folder, removed)")
-    p.add_argument("--out", help="write the JSON here instead of stdout")
+    add_out(p)
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                 run["table"] = compare_tables(baseline, results)
             run["jobs"] = results["config"].get("jobs", 1)
             runs.append(run)
-            print(f"run {repeat}: {run['wall_s']:.1f} s", file=sys.stderr)
+            table_line(f"run {repeat}: {run['wall_s']:.1f} s")
     walls = [r["wall_s"] for r in runs]
     doc = {"benchmark": "demo_time", "config": args.config or "demo/default.yaml", "cores": os.cpu_count(),
            "runs": runs, "wall_s_min": min(walls), "wall_s_median": statistics.median(walls),
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
                                               else f"{len(table['differences'])} differ")
         load = " ".join(f"{x:.2f}" for x in r["load_before"])
         lines.append(f"  {i:>3} {r['wall_s']:>7.1f} {r['cpu_s']:>7.1f} {r['pipeline_s']:>10.1f}  {load:<16}  {verdict}")
-    print("\n".join(lines), file=sys.stderr)
+    table_line("\n".join(lines))
     return emit(doc, args.out)
 
 

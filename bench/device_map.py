@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-from adpa.bench.report import emit
+from adpa.bench.report import add_out, benchmark_parser, emit, table_line
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = benchmark_parser(__doc__)
     p.add_argument("--device", default="cuda:0", help="the single device the reference answer runs on")
     p.add_argument("--device-map", default="auto", help="device_map of the spread model")
     p.add_argument("--max-memory", default=None,
@@ -41,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (the last half scored)")
     p.add_argument("--k", type=int, default=16, help="top-k compared")
     p.add_argument("--atol", type=float, default=1e-4, help="largest dense log-prob difference accepted (fp32)")
-    p.add_argument("--out", help="write the JSON here instead of stdout")
+    add_out(p)
     return p.parse_args(argv)
 
 
@@ -89,7 +88,7 @@ def main(argv=None) -> int:
            "spread_devices": devices, "max_abs_diff": diff, "atol": args.atol, "topk_agreement": agreement,
            "single_s": walls[0], "spread_s": walls[1], "agree": diff <= args.atol,
            "command": " ".join(["adpa bench device_map", *(argv if argv is not None else sys.argv[1:])])}
-    print(f"device_map={args.device_map} over {devices}: max |diff| {diff:.2e} (atol {args.atol}), top-{args.k} "
-          f"agreement {agreement:.4f}, {walls[1]:.2f}s vs {walls[0]:.2f}s on {args.device}", file=sys.stderr)
+    table_line(f"device_map={args.device_map} over {devices}: max |diff| {diff:.2e} (atol {args.atol}), top-{args.k} "
+               f"agreement {agreement:.4f}, {walls[1]:.2f}s vs {walls[0]:.2f}s on {args.device}")
     emit(doc, args.out)
     return 0 if doc["agree"] else 1

@@ -16,13 +16,12 @@ Prints JSON (stdout or --out) and a table (stderr).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 from adpa import sparse
-from adpa.bench.report import emit
+from adpa.bench.report import add_out, benchmark_parser, emit, table_line
 from adpa.training import losses
 
 
@@ -83,7 +82,7 @@ def measure(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, show_defaults=False)
     parser.add_argument("--vocab", type=int, default=128256, help="vocabulary size (default: %(default)s)")
     parser.add_argument("--positions", type=int, default=256, help="scored positions (default: %(default)s)")
     parser.add_argument("--k", type=int, nargs="+", default=[8, 16, 32, 64], help="support sizes (default: 8 16 32 64)")
@@ -94,18 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beta", type=float, default=0.1, help="advantage scale (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
-    parser.add_argument("--out", help="write the JSON here instead of stdout")
+    add_out(parser)
     args = parser.parse_args(argv)
     result = measure(args)
     emit(result, args.out)
-    print(f"synthetic Zipf rows (exponent {args.zipf[0]}-{args.zipf[1]}), V={args.vocab}, {args.positions} positions, "
-          f"student noise {args.student_noise}, reference noise {args.reference_noise}", file=sys.stderr)
-    print(f"{'support':<8} {'k':>4} {'width':>6} {'ADPA grad cos':>14} {'KL rel err':>11} {'KL grad cos':>12} "
-          f"{'teacher mass':>13}", file=sys.stderr)
+    table_line(f"synthetic Zipf rows (exponent {args.zipf[0]}-{args.zipf[1]}), V={args.vocab}, {args.positions} positions, "
+               f"student noise {args.student_noise}, reference noise {args.reference_noise}")
+    table_line(f"{'support':<8} {'k':>4} {'width':>6} {'ADPA grad cos':>14} {'KL rel err':>11} {'KL grad cos':>12} "
+               f"{'teacher mass':>13}")
     for row in result["results"]:
-        print(f"{row['support']:<8} {row['k']:>4} {row['width']:>6} {row['adpa_grad_cosine']:>14.4f} "
-              f"{100 * row['kl_rel_error']:>10.2f}% {row['kl_grad_cosine']:>12.4f} "
-              f"{row['teacher_mass_on_support']:>13.3f}", file=sys.stderr)
+        table_line(f"{row['support']:<8} {row['k']:>4} {row['width']:>6} {row['adpa_grad_cosine']:>14.4f} "
+                   f"{100 * row['kl_rel_error']:>10.2f}% {row['kl_grad_cosine']:>12.4f} "
+                   f"{row['teacher_mass_on_support']:>13.3f}")
     return 0
 
 

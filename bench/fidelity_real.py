@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from adpa import sparse
-from adpa.bench.report import emit
+from adpa.bench.report import add_out, benchmark_parser, emit, table_line
 from adpa.protocol import SupportSpec
 from adpa.services.engine import ScoringEngine
 from adpa.training import losses
@@ -40,8 +40,7 @@ from adpa.training.rollout import generate_responses
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = benchmark_parser(__doc__)
     p.add_argument("--workdir", default="runs/demo", help="an `adpa demo` workdir (models/, data/)")
     p.add_argument("--build", action="store_true", help="train the world's stage-0 models into --workdir first")
     p.add_argument("--prompts", type=int, default=64, help="validation prompts (one student sample each)")
@@ -52,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=20, help="sampled: independent draws averaged")
     p.add_argument("--beta", type=float, default=0.1, help="advantage scale")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write the JSON here instead of stdout")
+    add_out(p)
     return p.parse_args(argv)
 
 
@@ -144,17 +143,17 @@ def main(argv=None) -> int:
                      "kl_grad_cosine": statistics.fmean(kl_cos), "repeats": args.repeats})
 
     doc = {"config": vars(args), "positions": P, "vocab_size": V, "dense_kl": kl_dense, "rows": rows}
-    err = lambda s="": print(s, file=sys.stderr)  # noqa: E731
-    err(f"built-in world ({work}): DPO teacher, SFT reference, SFT student; {len(prompts)} student samples, "
-        f"P={P} scored positions, V={V}, beta={args.beta}; dense KL {kl_dense:.4f}")
-    err(f"{'support':8} {'k/n':>4} {'width':>5} {'ADPA grad cos':>13} {'KL rel err':>10} {'KL bias':>8} "
-        f"{'KL grad cos':>11} {'teacher mass':>12}")
+    table_line(f"built-in world ({work}): DPO teacher, SFT reference, SFT student; {len(prompts)} student samples, "
+               f"P={P} scored positions, V={V}, beta={args.beta}; dense KL {kl_dense:.4f}")
+    table_line(f"{'support':8} {'k/n':>4} {'width':>5} {'ADPA grad cos':>13} {'KL rel err':>10} {'KL bias':>8} "
+               f"{'KL grad cos':>11} {'teacher mass':>12}")
     for r in rows:
         bias = f"{100 * r['kl_bias']:7.2f}%" if "kl_bias" in r else f"{'':8}"
         mass = f"{r['teacher_mass']:12.3f}" if "teacher_mass" in r else ""
-        err(f"{r['support']:8} {r['k']:4d} {r['width']:5d} {r['adpa_grad_cosine']:13.4f} "
-            f"{100 * r['kl_rel_error']:9.2f}% {bias} {r['kl_grad_cosine']:11.4f} {mass}")
-    err("sampled: mean over repeats of |relative error| (KL rel err), of the signed error (KL bias) and of the cosines")
+        table_line(f"{r['support']:8} {r['k']:4d} {r['width']:5d} {r['adpa_grad_cosine']:13.4f} "
+                   f"{100 * r['kl_rel_error']:9.2f}% {bias} {r['kl_grad_cosine']:11.4f} {mass}")
+    table_line("sampled: mean over repeats of |relative error| (KL rel err), of the signed error (KL bias) "
+               "and of the cosines")
     return emit(doc, args.out)
 
 

@@ -26,15 +26,14 @@ import sys
 import threading
 import time
 
-from adpa.bench.report import emit
+from adpa.bench.report import add_out, benchmark_parser, emit, table_line
 
 GIB = 1 << 30
 MIB = 1 << 20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = benchmark_parser(__doc__)
     p.add_argument("--vocabs", default="32000,128256", help="comma-separated vocabulary sizes")
     p.add_argument("--positions", default="1024,2048,4096,8192,16384", help="comma-separated scored positions")
     p.add_argument("--supports", default="topk,dense", help="comma-separated: topk, dense")
@@ -49,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the model's weights dtype (a server on a GPU runs bfloat16)")
-    p.add_argument("--out", help="write the JSON here instead of stdout")
+    add_out(p)
     p.add_argument("--point", help=argparse.SUPPRESS)  # internal: measure one point (JSON args) and exit
     return p.parse_args(argv)
 
@@ -147,24 +146,23 @@ def main(argv=None) -> int:
                     raise SystemExit(f"point {point} failed:\n{run.stderr[-3000:]}")
                 points.append(json.loads(run.stdout.strip().splitlines()[-1]))
                 r = points[-1]
-                print(f"V={vocab} P={positions} {support}: extra {r['extra_bytes'] / MIB:.0f} MiB", file=sys.stderr)
+                table_line(f"V={vocab} P={positions} {support}: extra {r['extra_bytes'] / MIB:.0f} MiB")
     budget = next((p for p in points if p["vocab"] >= 128000 and p["positions"] == 8192 and p["support"] == "topk"), None)
     doc = {"config": {k: v for k, v in vars(args).items() if k != "point"}, "points": points,
            "budget": {"limit_bytes": GIB, "point": budget,
                       "met": None if budget is None else budget["extra_bytes"] <= GIB}}
-    err = lambda s="": print(s, file=sys.stderr)  # noqa: E731
-    err(f"random Llama {args.layers}x{args.hidden}, sequences of {args.seq_len} tokens, logits budget "
-        f"{args.logits_budget_mb:g} MiB, top-{args.k}, {args.device}")
-    err(f"{'V':>7} {'support':7} {'P':>6} {'before MiB':>10} {'peak MiB':>9} {'extra MiB':>9} {'answer MiB':>10} "
-        f"{'P*V*4 MiB':>9}" + (f" {'cuda MiB':>8}" if args.device.startswith("cuda") else ""))
+    table_line(f"random Llama {args.layers}x{args.hidden}, sequences of {args.seq_len} tokens, logits budget "
+               f"{args.logits_budget_mb:g} MiB, top-{args.k}, {args.device}")
+    table_line(f"{'V':>7} {'support':7} {'P':>6} {'before MiB':>10} {'peak MiB':>9} {'extra MiB':>9} {'answer MiB':>10} "
+               f"{'P*V*4 MiB':>9}" + (f" {'cuda MiB':>8}" if args.device.startswith("cuda") else ""))
     for r in points:
-        err(f"{r['vocab']:7d} {r['support']:7} {r['positions']:6d} {r['rss_before'] / MIB:10.0f} "
-            f"{max(r['rss_peak_sampled'], r['rss_high_water']) / MIB:9.0f} {r['extra_bytes'] / MIB:9.0f} "
-            f"{r['answer_bytes'] / MIB:10.1f} {r['positions'] * r['vocab'] * 4 / MIB:9.0f}"
-            + (f" {r['cuda_extra_bytes'] / MIB:8.0f}" if "cuda_extra_bytes" in r else ""))
+        table_line(f"{r['vocab']:7d} {r['support']:7} {r['positions']:6d} {r['rss_before'] / MIB:10.0f} "
+                   f"{max(r['rss_peak_sampled'], r['rss_high_water']) / MIB:9.0f} {r['extra_bytes'] / MIB:9.0f} "
+                   f"{r['answer_bytes'] / MIB:10.1f} {r['positions'] * r['vocab'] * 4 / MIB:9.0f}"
+                   + (f" {r['cuda_extra_bytes'] / MIB:8.0f}" if "cuda_extra_bytes" in r else ""))
     if budget is not None:
-        err(f"budget: extra <= 1024 MiB at P=8192, V={budget['vocab']}, top-k: "
-            f"{budget['extra_bytes'] / MIB:.0f} MiB, {'met' if doc['budget']['met'] else 'NOT met'}")
+        table_line(f"budget: extra <= 1024 MiB at P=8192, V={budget['vocab']}, top-k: "
+                   f"{budget['extra_bytes'] / MIB:.0f} MiB, {'met' if doc['budget']['met'] else 'NOT met'}")
     return emit(doc, args.out)
 
 

@@ -25,15 +25,14 @@ from pathlib import Path
 
 import torch
 
-from adpa.bench.report import emit
+from adpa.bench.report import add_out, benchmark_parser, emit, table_line
 from adpa.services.batching import Job, Scheduler, longest_first, plan_micro_batches
 
 BUDGET_S = 10.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = benchmark_parser(__doc__)
     p.add_argument("--sizes", default="1024,2048,4096,8192,16384,32768,65536",
                    help="comma-separated numbers of two-token sequences")
     p.add_argument("--max-batch-tokens", type=int, default=8192, help="the engine's max_batch_tokens")
@@ -42,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-request", action="store_true", help="skip the end-to-end request (no server started)")
     p.add_argument("--k", type=int, default=8, help="top-k of the end-to-end request's support")
     p.add_argument("--threads", type=int, default=1, help="the server's torch threads")
-    p.add_argument("--out", help="write the JSON here instead of stdout")
+    add_out(p)
     return p.parse_args(argv)
 
 
@@ -135,5 +134,5 @@ def main(argv=None) -> int:
            "plan_spread": spread("plan_us_per_sequence"), "scheduler_spread": spread("scheduler_us_per_sequence"),
            "request": None if args.no_request else measure_request(args),
            "command": " ".join(["adpa bench planning", *(argv if argv is not None else sys.argv[1:])])}
-    print(table(doc), file=sys.stderr)
+    table_line(table(doc))
     return emit(doc, args.out)

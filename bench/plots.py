@@ -1,6 +1,6 @@
 """Plots (PNG) for docs/ from the benchmarks' JSON: fidelity against k, memory against positions.
 
-    adpa bench plots                                   # docs/fidelity.png, docs/memory.png from bench/*_last_run.json
+    adpa bench plots                                   # docs/fidelity.png, docs/memory.png from docs/bench-runs/
     adpa bench plots --fidelity f.json real.json --memory m.json --out-dir /tmp/plots
 
 fidelity.png: for each support (and each other string field of the rows; with several files,
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--fidelity", nargs="+",
-                   default=["bench/fidelity_last_run.json", "bench/fidelity_real_last_run.json"],
+                   default=["docs/bench-runs/fidelity_last_run.json", "docs/bench-runs/fidelity_real_last_run.json"],
                    help="fidelity JSON files (bench/fidelity.py, bench/fidelity_real.py), drawn together")
-    p.add_argument("--memory", default="bench/memory_last_run.json", help="bench/memory.py's JSON")
+    p.add_argument("--memory", default="docs/bench-runs/memory_last_run.json", help="bench/memory.py's JSON")
     p.add_argument("--out-dir", default="docs", help="where fidelity.png and memory.png go")
     args = p.parse_args(argv)
     out_dir = Path(args.out_dir)

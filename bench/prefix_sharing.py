@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from adpa.bench.report import emit
+from adpa.bench.report import add_out, benchmark_parser, emit, table_line
 from adpa.protocol import SupportSpec
 from adpa.services.engine import ScoringEngine
 from adpa.services.prefix import shared_prefix_groups
@@ -31,8 +31,7 @@ from adpa.tiny_model import make_tiny_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = benchmark_parser(__doc__)
     p.add_argument("--ratios", default="1,4", help="comma-separated prompt:response length ratios")
     p.add_argument("--response", type=int, default=48, help="response tokens (y_w and y_l alike)")
     p.add_argument("--prompts", type=int, default=8, help="prompts per request (2 sequences each)")
@@ -41,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7, help="timed calls per setting (median reported)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.add_argument("--out", help="write the JSON here instead of stdout")
+    add_out(p)
     return p.parse_args(argv)
 
 
@@ -94,15 +93,15 @@ def main(argv=None) -> int:
                 "speedup": t_plain / t_shared, "max_abs_logprob_diff": float(diff),
             })
     doc = {"config": vars(args), "torch": torch.__version__, "rows": rows}
-    err = lambda s="": print(s, file=sys.stderr)  # noqa: E731
-    err(f"model {args.layers}x{args.hidden}, {args.prompts} prompts x (y_w, y_l), responses of {args.response} tokens, "
-        f"top-32 log-probs, median of {args.repeats}, {args.threads} thread(s) on {args.device}")
-    err(f"{'ratio':>5} {'tokens plain':>12} {'tokens shared':>13} {'us/pos plain':>12} {'us/pos shared':>13} "
-        f"{'speed-up':>8} {'max |diff|':>10}")
+    table_line(f"model {args.layers}x{args.hidden}, {args.prompts} prompts x (y_w, y_l), "
+               f"responses of {args.response} tokens, "
+               f"top-32 log-probs, median of {args.repeats}, {args.threads} thread(s) on {args.device}")
+    table_line(f"{'ratio':>5} {'tokens plain':>12} {'tokens shared':>13} {'us/pos plain':>12} {'us/pos shared':>13} "
+               f"{'speed-up':>8} {'max |diff|':>10}")
     for r in rows:
-        err(f"{r['ratio']:>5} {r['tokens_forwarded_plain']:12d} {r['tokens_forwarded_shared']:13d} "
-            f"{r['us_per_position_plain']:12.1f} {r['us_per_position_shared']:13.1f} {r['speedup']:8.2f} "
-            f"{r['max_abs_logprob_diff']:10.2e}")
+        table_line(f"{r['ratio']:>5} {r['tokens_forwarded_plain']:12d} {r['tokens_forwarded_shared']:13d} "
+                   f"{r['us_per_position_plain']:12.1f} {r['us_per_position_shared']:13.1f} {r['speedup']:8.2f} "
+                   f"{r['max_abs_logprob_diff']:10.2e}")
     return emit(doc, args.out)
 
 

@@ -1,9 +1,30 @@
-"""How every benchmark hands its result over: the JSON document to a file (--out) or to stdout."""
+"""What every benchmark shares: its parser (the docstring's first paragraph, --out), its table's lines
+on stderr, and its JSON document, to a file (--out) or to stdout."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
+
+
+def benchmark_parser(doc: str, *, show_defaults: bool = True) -> argparse.ArgumentParser:
+    """A benchmark's parser, described by the first paragraph of its module docstring `doc`."""
+    if show_defaults:
+        return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0])
+
+
+def add_out(parser: argparse.ArgumentParser) -> None:
+    """--out: where `emit` writes the JSON (default: stdout)."""
+    parser.add_argument("--out", help="write the JSON here instead of stdout")
+
+
+def table_line(line: str = "") -> None:
+    """One line of a benchmark's table: on stderr, so that stdout holds only the JSON."""
+    print(line, file=sys.stderr)
 
 
 def emit(doc: dict, out: str | None) -> int:

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from adpa.bench.report import emit
+from adpa.bench.report import add_out, benchmark_parser, emit, table_line
 from adpa import codec
 from adpa.bench.presets import FLOPS_FORMULA, PRESETS, build_model, model_shape, saved_model, scoring_flops
 from adpa.client import TeacherClient
@@ -60,7 +60,7 @@ PARTS = ("wire", "throughput")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = benchmark_parser(__doc__)
     p.add_argument("--workdir", help="where the tiny models go (default: a temporary folder)")
     p.add_argument("--layers", type=int, default=4, help="transformer layers of the tiny models")
     p.add_argument("--hidden", type=int, default=256, help="hidden size of the tiny models")
@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before each measurement")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (the median is reported)")
     p.add_argument("--skip-grpc", action="store_true", help="measure only in process (no servers)")
-    p.add_argument("--out", help="write the JSON here instead of stdout")
+    add_out(p)
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="model shape of adpa.bench.presets (random weights, its own vocabulary) instead of "
                    "--layers/--hidden and the 77-token tiny vocabulary")
@@ -245,7 +245,6 @@ def params(n: int) -> str:
 
 
 def print_table(doc: dict) -> None:
-    err = lambda s="": print(s, file=sys.stderr)  # noqa: E731
     cfg = doc["config"]
     if cfg.get("preset"):
         m = doc["model"]
@@ -253,43 +252,45 @@ def print_table(doc: dict) -> None:
                  f"{m['kv_heads']} kv heads, {params(m['params_total'])} params, {m['dtype']}")
     else:
         model = f"vocab V={doc['vocab_size']} (fixed by adpa.tiny_model); model {cfg['layers']}x{cfg['hidden']}"
-    err(f"{model}; batch {cfg['batch']}x{cfg['seq_len']}, P={doc['positions']}; torch {doc['torch']} on {doc['device']}, "
-        f"{cfg['threads']} thread(s)")
+    table_line(f"{model}; batch {cfg['batch']}x{cfg['seq_len']}, P={doc['positions']}; "
+               f"torch {doc['torch']} on {doc['device']}, "
+               f"{cfg['threads']} thread(s)")
     if "wire" in doc:
-        print_wire(doc, err)
+        print_wire(doc)
     if "throughput" in doc:
-        print_throughput(doc, err)
+        print_throughput(doc)
 
 
-def print_wire(doc: dict, err) -> None:
-    err(f"\nwire: measured ScoreResponse bytes / P at V={doc['vocab_size']}; 'projected' is COMPUTED for "
-        f"V={REAL_VOCAB} (formula + measured framing), not measured")
-    err(f"{'support':8} {'signal':9} {'dtype':5} {'width':>5} {'B/pos':>9} {'framing':>8} {'proj.width':>10} {'proj.B/pos':>11}")
+def print_wire(doc: dict) -> None:
+    table_line(f"\nwire: measured ScoreResponse bytes / P at V={doc['vocab_size']}; 'projected' is COMPUTED for "
+               f"V={REAL_VOCAB} (formula + measured framing), not measured")
+    table_line(f"{'support':8} {'signal':9} {'dtype':5} {'width':>5} {'B/pos':>9} {'framing':>8} "
+               f"{'proj.width':>10} {'proj.B/pos':>11}")
     for r in doc["wire"]:
-        err(f"{r['support']:8} {r['signal']:9} {r['value_dtype']:5} {r['width']:5d} {r['bytes_per_position']:9.1f} "
-            f"{r['framing_per_position']:8.2f} {r['projected_width']:10d} {r['projected_bytes_per_position']:11.1f}")
+        table_line(f"{r['support']:8} {r['signal']:9} {r['value_dtype']:5} {r['width']:5d} {r['bytes_per_position']:9.1f} "
+                   f"{r['framing_per_position']:8.2f} {r['projected_width']:10d} {r['projected_bytes_per_position']:11.1f}")
     if doc.get("wire_skipped"):
-        err(f"skipped (answer over --dense-max-mb): {doc['wire_skipped']}")
-    err(f"dense fp32 reference 4*V: {4 * doc['vocab_size']} B at V={doc['vocab_size']}, {4 * REAL_VOCAB} B at "
-        f"V={REAL_VOCAB}; budget for top-32 BF16 advantage: <= 300 B/pos")
+        table_line(f"skipped (answer over --dense-max-mb): {doc['wire_skipped']}")
+    table_line(f"dense fp32 reference 4*V: {4 * doc['vocab_size']} B at V={doc['vocab_size']}, {4 * REAL_VOCAB} B at "
+               f"V={REAL_VOCAB}; budget for top-32 BF16 advantage: <= 300 B/pos")
 
 
-def print_throughput(doc: dict, err) -> None:
+def print_throughput(doc: dict) -> None:
     cfg = doc["config"]
-    err("\nthroughput (topk k={}, median of {}; timings on this machine only):".format(cfg["k"], cfg["repeats"]))
+    table_line("\nthroughput (topk k={}, median of {}; timings on this machine only):".format(cfg["k"], cfg["repeats"]))
     for name, r in doc["throughput"].items():
         if isinstance(r, dict):
             extra = "" if "matches_in_process" not in r else f"  matches in process: {r['matches_in_process']}"
             if cfg.get("peak_tflops"):
                 extra = f"  {r['tflops_per_s']:8.4g} TFLOP/s  MFU {100 * r['mfu']:5.1f}%" + extra
-            err(f"  {name:28} {r['positions_per_s']:10.0f} positions/s{extra}")
+            table_line(f"  {name:28} {r['positions_per_s']:10.0f} positions/s{extra}")
         else:
-            err(f"  {name:28} {r:10.3f}")
+            table_line(f"  {name:28} {r:10.3f}")
     if cfg.get("peak_tflops"):
         f = doc["flops"]
-        err(f"FLOPs per model forward: {f['per_model']['total']:.4g} (body {f['per_model']['body']:.4g}, "
-            f"attention {f['per_model']['attention']:.4g}, head {f['per_model']['head']:.4g}); "
-            f"advantage = 2 forwards; peak {cfg['peak_tflops']:g} TFLOP/s")
+        table_line(f"FLOPs per model forward: {f['per_model']['total']:.4g} (body {f['per_model']['body']:.4g}, "
+                   f"attention {f['per_model']['attention']:.4g}, head {f['per_model']['head']:.4g}); "
+                   f"advantage = 2 forwards; peak {cfg['peak_tflops']:g} TFLOP/s")
 
 
 def load_engines(args, work: Path) -> tuple[ScoringEngine, ScoringEngine, Path | None, Path | None]:

@@ -18,7 +18,6 @@ puts the trainer, the in-process teacher and the service on that device.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import datasets
 import torch
 import transformers
 
-from adpa.bench.report import emit
+from adpa.bench.report import add_out, benchmark_parser, emit, table_line
 from adpa.bench.presets import PRESETS, saved_model
 from adpa.demo.world import WORDS, World, WorldConfig
 from adpa.services.launch import ServiceProcess
@@ -52,7 +51,7 @@ def step_seconds(student: Path, records, out: Path, args, teacher: str, prefetch
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, show_defaults=False)
     parser.add_argument("--method", default="adpa", choices=["adpa", "dckd"], help="default: %(default)s")
     parser.add_argument("--steps", type=int, default=60, help="steps per setting (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="records per step (default: %(default)s)")
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="student size (default: 2 128)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats; medians reported (default: 3)")
     parser.add_argument("--workdir", help="keep models and data here (default: a temporary folder)")
-    parser.add_argument("--out", help="write the JSON here instead of stdout")
+    add_out(parser)
     parser.add_argument("--teacher-preset", choices=sorted(PRESETS),
                         help="teacher and reference shape of adpa.bench.presets instead of --teacher-shape; the "
                         "student takes the preset's tokenizer (e.g. 128,256 tokens)")
@@ -119,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     emit(report, args.out)
     shape = f"preset {args.teacher_preset}" if args.teacher_preset else f"{tl}x{th}"
     where = f" on {args.device}" if args.device else ""
-    print(f"{args.method}, median of {args.repeats}, {args.steps} steps of {args.batch_size} records, teacher+reference {shape}, "
-          f"student {sl}x{sh}{where}, 1 torch thread in the trainer and 1 in the service", file=sys.stderr)
+    table_line(f"{args.method}, median of {args.repeats}, {args.steps} steps of {args.batch_size} records, "
+               f"teacher+reference {shape}, "
+               f"student {sl}x{sh}{where}, 1 torch thread in the trainer and 1 in the service")
     for name, seconds in results.items():
-        print(f"  {name:<20} {1000 * seconds:8.1f} ms/step  {seconds / results['in_process']:.2f}x in process",
-              file=sys.stderr)
+        table_line(f"  {name:<20} {1000 * seconds:8.1f} ms/step  {seconds / results['in_process']:.2f}x in process")
     return 0
 
 

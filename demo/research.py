@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from adpa.demo.config import DemoConfig
-from adpa.demo.pipeline import DemoRun, _slug, environment, source_state, write_results
+from adpa.demo.pipeline import DemoRun, _slug, write_results
+from adpa.demo.provenance import environment, source_state
 from adpa.demo.stats import paired_difference, run_means, verdict, win_rate
 
 logger = logging.getLogger(__name__)

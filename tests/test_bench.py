@@ -38,6 +38,13 @@ def test_an_unknown_benchmark_names_the_known_ones(capsys):
     assert "unknown benchmark 'nope'" in err and "serving" in err
 
 
+@pytest.mark.parametrize("name", ["fuzz", "soak"])
+def test_the_robustness_checks_are_no_benchmarks_and_say_where_they_went(name, capsys):
+    assert name not in names() and (ROOT / "robustness" / f"{name}.py").is_file()
+    assert cli_main(["bench", name]) == 2
+    assert f"python robustness/{name}.py" in capsys.readouterr().err
+
+
 def test_bench_runs_a_benchmark_with_its_own_flags(tmp_path):
     out = tmp_path / "fidelity.json"
     argv = ["bench", "fidelity", "--vocab", "300", "--positions", "4", "--k", "4", "--threads", "1", "--out", str(out)]

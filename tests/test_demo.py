@@ -76,11 +76,11 @@ def test_default_config_loads_and_names_every_method():
 def test_every_demo_training_runs_in_fp32(tmp_path):
     """TRL's configs default to bf16 autocast, which a CPU without bf16 units emulates (slowly), and which
     would train stage 0 and the TRL baselines at another precision than the distilled students."""
-    from adpa.demo.pipeline import _common_args
+    from adpa.demo.stage0 import common_args
     from adpa.training.distill_config import DistillConfig
     from adpa.training.stage0 import CPOConfig, DPOConfig, SFTConfig
 
-    args = _common_args(tmp_path, steps=10, lr=1e-3, batch_size=4, seed=0)
+    args = common_args(tmp_path, steps=10, lr=1e-3, batch_size=4, seed=0)
     for config_class in (SFTConfig, DPOConfig, CPOConfig, DistillConfig):
         config = config_class(**args)
         assert not config.bf16 and not config.fp16, config_class.__name__

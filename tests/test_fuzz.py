@@ -1,4 +1,4 @@
-"""Property-based fuzzing of a live teacher (issue 11), briefly: the long run is `bench/fuzz.py`.
+"""Property-based fuzzing of a live teacher (issue 11), briefly: the long run is `robustness/fuzz.py`.
 
 For every generated input (hypothesis: structured ScoreRequests near the limits, corrupted ones and
 arbitrary bytes over gRPC; near-valid JSON and schemathesis cases from the OpenAPI schema over HTTP)
@@ -6,7 +6,7 @@ the server answers a proper status: over gRPC OK, INVALID_ARGUMENT, OUT_OF_RANGE
 RESOURCE_EXHAUSTED with a readable message (unparsable bytes included: never INTERNAL), an OK
 answer decodes with one row per scored position and no NaN; over HTTP no 5xx and JSON errors.
 Afterwards the server still answers a known request byte-identically. The strategies and checks
-are bench/fuzz.py's (one definition of the properties).
+are robustness/fuzz.py's (one definition of the properties).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ GRPC_CASES, HTTP_CASES = 1000, 300  # ~12 s together on 2 cores (the fixture's s
 
 
 def _load_fuzz():
-    """bench/fuzz.py, loaded from its file (bench/ need not be an installed package)."""
-    spec = importlib.util.spec_from_file_location("_adpa_bench_fuzz", ROOT / "bench" / "fuzz.py")
+    """robustness/fuzz.py, loaded from its file (robustness/ is not a package: it is not shipped)."""
+    spec = importlib.util.spec_from_file_location("_adpa_robustness_fuzz", ROOT / "robustness" / "fuzz.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while it is executed
     spec.loader.exec_module(module)

@@ -63,9 +63,10 @@ def load_run_records(run: RunArguments):
     return records
 
 
-def train(method: str, run: RunArguments, config, records=None, *, silent: bool = False):
+def train(method: str, run: RunArguments, config, records=None, *, silent: bool = False, examples=None):
     """Train `run.model` with `method` (a stage-0 method, a distillation method, or adpa-plus); saves
-    to config.output_dir and returns the trainer. `records` default to `load_run_records(run)`."""
+    to config.output_dir and returns the trainer. `records` default to `load_run_records(run)`;
+    `examples`: a distillation's records already tokenised (see `run_distill`)."""
     records = load_run_records(run) if records is None else records
     if method in STAGE0:
         from adpa.training import stage0
@@ -81,8 +82,8 @@ def train(method: str, run: RunArguments, config, records=None, *, silent: bool 
                "seqkd": stage0.train_sft}[method]
         return fit(run.model, records, config, silent=silent)
     if method == "adpa-plus":
-        return run_adpa_plus(run, config, records, silent=silent)
-    return run_distill(run.model, config, records, silent=silent)
+        return run_adpa_plus(run, config, records, silent=silent, examples=examples)
+    return run_distill(run.model, config, records, silent=silent, examples=examples)
 
 
 def run_distill(

@@ -1,8 +1,8 @@
 """Fuzzing a teacher service: hypothesis-generated gRPC requests and raw bytes, HTTP bodies from the OpenAPI schema (schemathesis) and near-valid JSON; counts the cases tried and the failures.
 
-    .venv/bin/python bench/fuzz.py                                   # 10,000 gRPC + 2,000 HTTP cases
-    .venv/bin/python bench/fuzz.py --grpc-cases 300 --http-cases 100 --out fuzz.json   # a quick run
-    .venv/bin/python bench/fuzz.py --endpoint grpc://127.0.0.1:50051 --http http://127.0.0.1:8080
+    .venv/bin/python robustness/fuzz.py                              # 10,000 gRPC + 2,000 HTTP cases
+    .venv/bin/python robustness/fuzz.py --grpc-cases 300 --http-cases 100 --out fuzz.json  # a quick run
+    .venv/bin/python robustness/fuzz.py --endpoint grpc://127.0.0.1:50051 --http http://127.0.0.1:8080
 
 Without --endpoint it builds the tiny models (adpa.tiny_model) and starts a reference and a teacher
 with that remote reference (`adpa serve`, tight limits so that limits are met), and stops them at

@@ -1,7 +1,7 @@
 """Soak and burst: steady load on a teacher for N minutes (server RSS over time, errors, latency percentiles), then a burst of 4x its admission capacity (is every request answered, correctly? p50/p99, peak RSS).
 
-    .venv/bin/python bench/soak.py                                   # 10 minutes steady, then the burst
-    .venv/bin/python bench/soak.py --minutes 0.5 --burst-requests 2 --out soak.json   # a quick run
+    .venv/bin/python robustness/soak.py                              # 10 minutes steady, then the burst
+    .venv/bin/python robustness/soak.py --minutes 0.5 --burst-requests 2 --out soak.json  # a quick run
 
 Builds the tiny models (adpa.tiny_model) and starts a reference and a teacher with that remote
 reference (`adpa serve --max-inflight CAPACITY`), each with one torch thread. Steady load:
