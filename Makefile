@@ -28,9 +28,10 @@ $(STAMP): pyproject.toml
 	fi
 	touch $@
 
-# The whole suite on every core (pytest-xdist; tests on the local Ray share one worker), with line and
-# branch coverage of the package (servers and workers included) and its 20 slowest tests listed.
-PYTEST_PARALLEL ?= -n auto --dist loadgroup
+# The whole suite on every core (pytest-xdist, one test file per worker at a time: a file's module
+# fixtures and the session's local Ray are built once), with line and branch coverage of the package
+# (servers and workers included) and its 20 slowest tests listed.
+PYTEST_PARALLEL ?= -n auto --dist loadfile
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --cov --cov-report=term --durations=20
 

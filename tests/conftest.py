@@ -22,17 +22,10 @@ SERVER_FIXTURES = {
 }
 
 
-# Tests on the session's local Ray run in one pytest-xdist worker (`--dist loadgroup`): one Ray for all.
-RAY_FIXTURES = {"ray_serve", "ray_app"}
-
-
 def pytest_collection_modifyitems(items) -> None:
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if SERVER_FIXTURES & fixtures:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        if RAY_FIXTURES & fixtures:
-            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
-"""Three student trainings at once against one teacher (standalone and on Ray Serve) end with the
-weights each reaches alone: the signals a trainer gets do not depend on who shared its batches.
+"""Three student trainings at once against one teacher end with the weights each reaches alone: the
+signals a trainer gets do not depend on who shared its batches. (The same on Ray Serve is in
+test_ray_serve.py, with the other tests on the session's Ray: `make test` runs each file in one
+pytest-xdist worker.)
 
 The trainings run as threads of this process (DistillTrainer holds no global state that two
 runs share); ADPA samples greedily so that no run draws from the process-wide RNG another run
@@ -89,8 +91,3 @@ def assert_same_weights(got: dict, want: dict) -> None:
 
 def test_three_trainings_at_once_on_the_standalone_teacher(tmp_path, student, records, teacher_server, alone):
     assert_same_weights(train_concurrently(tmp_path, student, records, teacher_server.endpoint), alone)
-
-
-def test_three_trainings_at_once_on_ray_serve(tmp_path, student, records, ray_app, alone):
-    weights = train_concurrently(tmp_path, student, records, ray_app["endpoint"], ray_app["token"])
-    assert_same_weights(weights, alone)

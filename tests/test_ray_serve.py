@@ -23,6 +23,8 @@ import yaml
 from adpa.client import TeacherClient
 from adpa.protocol import SupportSpec
 
+from .test_concurrent_trainings import alone, assert_same_weights, records, student, train_concurrently  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 SEQUENCES = [[5, 37, 7, 8, 17, 2, 6, 9, 10, 11, 12], [5, 7, 7, 2, 6, 11], [1, 40, 41, 42, 43, 44, 45, 2, 6, 20]]
 RANGES = [(0, 11), (2, 6), (5, 10)]
@@ -330,3 +332,10 @@ def test_sigterm_stops_adpa_serve_ray_in_every_state(tmp_path, teacher_path, ref
         assert "serving degraded" in log.read_text()
         # The pending replica is dropped after the grace period (5 s); then Serve and Ray stop.
         assert stopped_cleanly(proc, ray_tmp, within_s=60) < 5 + 15
+
+
+def test_three_trainings_at_once_on_ray_serve(tmp_path, student, records, ray_app, alone):
+    """test_concurrent_trainings.py's property on Ray Serve: three trainings at once end with the
+    weights each reaches alone against the standalone teacher."""
+    weights = train_concurrently(tmp_path, student, records, ray_app["endpoint"], ray_app["token"])
+    assert_same_weights(weights, alone)
