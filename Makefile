@@ -31,7 +31,8 @@ $(STAMP): pyproject.toml
 # The whole suite on every core (pytest-xdist, one test file per worker at a time: a file's module
 # fixtures and the session's local Ray are built once), with line and branch coverage of the package
 # (servers and workers included) and its 20 slowest tests listed.
-PYTEST_PARALLEL ?= -n auto --dist loadfile
+# One worker more than cores: tests spend part of their time waiting on the servers and trainings they start.
+PYTEST_PARALLEL ?= -n $(shell echo $$(( $$(nproc) + 1 ))) --dist loadfile
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --cov --cov-report=term --durations=20
 
