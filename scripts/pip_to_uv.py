@@ -25,9 +25,9 @@ def uv_flags(config_lines: list[str]) -> list[str]:
         key, _, raw = line.partition("=")
         option = key.rpartition(".")[2]
         if option in FLAGS and raw:
-            values[option] = shlex.split(shlex.split(raw)[0]) if raw.startswith(("'", '"')) else raw.split()
+            values[option] = " ".join(shlex.split(raw)).split()  # quoted or not, a space-separated list
     flags = [item for option, items in values.items() for value in items for item in (FLAGS[option], value)]
-    if len(values.get("extra-index-url", [])) + ("index-url" in values) > 0:
+    if values.keys() & {"index-url", "extra-index-url"}:
         flags += ["--index-strategy", "unsafe-best-match"]  # pip's rule: the best version from any index
     return flags
 

@@ -101,6 +101,10 @@ class GroupSize:
         self.rows = 0
         self.width = 0
 
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.width
+
     def with_item(self, item: Item) -> int:
         return (self.rows + item.rows) * max(self.width, item.width)
 
@@ -218,7 +222,7 @@ class Scheduler:
         for queue in self._queues.values():
             for item in queue:
                 size.add(item)
-                if size.rows * size.width >= self.max_batch_tokens:
+                if size.tokens >= self.max_batch_tokens:
                     return True
         return False
 

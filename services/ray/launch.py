@@ -61,6 +61,13 @@ def check_settings(config: ServeConfig) -> None:
                          "front of it (a load balancer or Kubernetes ingress)")
 
 
+def refuse_shortfall(warning: str | None) -> bool:
+    """Say in one line why the deployments cannot all be placed; False when they can."""
+    if warning:
+        print(f"adpa serve: {warning} (or pass --ray-allow-degraded)", file=sys.stderr, flush=True)
+    return warning is not None
+
+
 def watch(stop: threading.Event, warning: str | None, period_s: float = 1.0, remind_s: float = 60.0) -> int:
     """Until `stop`: follow the application's status (exit code 1 if its deployment fails) and, while
     serving degraded, repeat `warning` in the log every `remind_s`."""
@@ -97,9 +104,7 @@ def serve_on_ray(config: ServeConfig) -> int:
     check_settings(config)
     # A local Ray's resources are known before it starts: an over-asking start fails in a second.
     if config.ray_address == "local" and not config.ray_allow_degraded:
-        warning = shortfall(app_asks(config), local_resources())
-        if warning:
-            print(f"adpa serve: {warning} (or pass --ray-allow-degraded)", file=sys.stderr, flush=True)
+        if refuse_shortfall(shortfall(app_asks(config), local_resources())):
             return 2
     stop = stop_requested()
     code = 0
@@ -113,8 +118,7 @@ def serve_on_ray(config: ServeConfig) -> int:
         if stop.is_set():
             return 0
         warning = shortfall(app_asks(config), ray.cluster_resources())
-        if warning and not config.ray_allow_degraded:
-            print(f"adpa serve: {warning} (or pass --ray-allow-degraded)", file=sys.stderr, flush=True)
+        if not config.ray_allow_degraded and refuse_shortfall(warning):
             return 2
         if warning:
             logger.warning("serving degraded (--ray-allow-degraded): %s", warning)
