@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,23 @@ def auth_server(tmp_path_factory, reference_path):
 RAY_TOKEN = "ray-s3cret"
 
 
+@contextlib.contextmanager
+def ray_processes_unmeasured():
+    """Start Ray inside this block so that its processes are not measured by coverage.
+
+    `make test` measures every Python process the suite starts (coverage's subprocess patch passes
+    COVERAGE_PROCESS_CONFIG down the environment). Ray's processes (raylet workers, Serve's controller,
+    proxies and replicas) inherit it from the process that starts Ray, and Ray ends them without the
+    normal exit that writes coverage data: tracing them slows every Ray test and records nothing.
+    """
+    saved = os.environ.pop("COVERAGE_PROCESS_CONFIG", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["COVERAGE_PROCESS_CONFIG"] = saved
+
+
 @pytest.fixture(scope="session")
 def ray_serve(tmp_path_factory):
     """One local Ray with Serve (gRPC and HTTP proxies on free loopback ports) for the session."""
@@ -125,9 +144,10 @@ def ray_serve(tmp_path_factory):
     from adpa.services.ray.app import GRPC_SERVICER_FUNCTIONS
 
     # Logical CPUs: replicas reserve a share each; the work itself is what 2 cores give.
-    ray.init(address="local", include_dashboard=False, num_cpus=4, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")),
-             runtime_env={"env_vars": {**SERVER_ENV, "ADPA_AUTH_TOKEN": RAY_TOKEN}})
+    with ray_processes_unmeasured():
+        ray.init(address="local", include_dashboard=False, num_cpus=4, log_to_driver=False,
+                 _temp_dir=str(tmp_path_factory.mktemp("ray")),
+                 runtime_env={"env_vars": {**SERVER_ENV, "ADPA_AUTH_TOKEN": RAY_TOKEN}})
     try:
         ports = {"grpc": free_port(), "http": free_port()}
         serve.start(http_options={"host": "127.0.0.1", "port": ports["http"]},

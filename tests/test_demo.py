@@ -198,11 +198,12 @@ def test_another_world_seed_and_reward_mix_need_only_config(tmp_path):
     assert run.reward([chat, chat], ["owl red fox", "owl red fox stupid bye"]) == pytest.approx([2.0, 1.5])
 
 
-def every_method_config(jobs: int) -> dict:
+def every_method_config(jobs: int, only: tuple[str, ...] | None = None) -> dict:
     """The smallest world that trains every method of demo/default.yaml (each grid cut to its first
-    setting; DPO keeps two learning rates, so a search with a choice runs in a worker too)."""
+    setting; DPO keeps two learning rates, so a search with a choice runs in a worker too), or `only`
+    these methods of it."""
     methods = {name: {**m.model_dump(), "grid": {k: v[:1] for k, v in m.grid.items()}}
-               for name, m in DemoConfig.load().methods.items()}
+               for name, m in DemoConfig.load().methods.items() if only is None or name in only}
     methods["DPO"]["grid"]["learning_rate"] = [3.0e-4, 1.0e-3]
     return {"name": "tiny", "world": {"num_sft": 300, "num_pairs": 100, "num_validation": 10, "num_test": 20},
             "teacher_sft": {"steps": 30, "lr": 3.0e-3}, "teacher_dpo": {"steps": 10, "lr": 1.0e-4, "options": {"beta": 0.1}},
@@ -210,33 +211,68 @@ def every_method_config(jobs: int) -> dict:
             "jobs": jobs, "methods": methods}
 
 
+# One method of each kind the schedule treats apart: teacher-free (DPO, with a two-setting search), the
+# teacher's weights only (SeqKD), the services (ADPA, whose row the win rates are against).
+ONE_OF_EACH_KIND = ("DPO", "SeqKD", "ADPA")
+
+
 @pytest.mark.slow
-def test_every_method_end_to_end_and_workers_reproduce_one_process(tmp_path):
-    """`adpa bench demo` runs `adpa demo` (every method, through the services) with `jobs: 1`, then with
-    `jobs: 2` against the first table: the SFT student and the teacher-free methods beside the teachers,
-    SeqKD as soon as the teacher's weights exist, two methods at a time in worker processes reproduce one
-    process bit for bit (settings, rewards, win rates, examples, every curve in the same order)."""
+def test_every_method_end_to_end_and_workers_reproduce_one_process(tmp_path, monkeypatch):
+    """`adpa demo` trains every method through the services with `jobs: 2` (the SFT student and the
+    teacher-free methods beside the teachers, SeqKD as soon as the teacher's weights exist, two methods
+    at a time in worker processes); `jobs: 1`, one process, reproduces a method of each kind and stage
+    0 bit for bit (settings, rewards, win rates, examples, every curve in the same order). Then `adpa
+    bench demo`'s own machinery (timing, the table compared with a baseline) on a stub of the run."""
+    import subprocess
+    import time
+
+    from adpa.bench import demo_time
     from adpa.cli import main as cli_main
 
-    workdirs = {}
-    for jobs in (1, 2):
+    workdirs, seconds = {}, {}
+    for jobs, only in ((2, None), (1, ONE_OF_EACH_KIND)):
         config = tmp_path / f"jobs{jobs}.yaml"
-        config.write_text(yaml.safe_dump(every_method_config(jobs)))
+        config.write_text(yaml.safe_dump(every_method_config(jobs, only)))
         workdirs[jobs] = tmp_path / f"jobs{jobs}"
-        argv = ["bench", "demo", "--config", str(config), "--workdir", str(workdirs[jobs]),
-                "--out", str(tmp_path / f"time{jobs}.json")]
-        if jobs == 2:
-            argv += ["--baseline", str(workdirs[1] / "run-0" / "results.json")]
-        assert cli_main(argv) == 0
-    one, two = (json.loads((workdirs[j] / "run-0" / "results.json").read_text()) for j in (1, 2))
-    assert set(DemoConfig.load().methods) <= set(one["methods"])
-    assert list(two["methods"]) == list(one["methods"]) and list(two["curves"]) == list(one["curves"])
-    assert one["methods"]["DPO"]["validation"] == two["methods"]["DPO"]["validation"]
+        started = time.perf_counter()
+        assert cli_main(["demo", "--config", str(config), "--workdir", str(workdirs[jobs])]) == 0
+        seconds[jobs] = time.perf_counter() - started
+    two, one = (json.loads((workdirs[j] / "results.json").read_text()) for j in (2, 1))
+    assert set(DemoConfig.load().methods) <= set(two["methods"])
+    assert two["config"]["jobs"] == 2 and 0 < two["seconds"] <= seconds[2]
+    assert [m for m in two["methods"] if m in one["methods"]] == list(one["methods"])  # the config's order
+    assert [c for c in two["curves"] if c in one["curves"]] == list(one["curves"])
     assert len(one["methods"]["DPO"]["validation"]) == 2
-    run = json.loads((tmp_path / "time2.json").read_text())["runs"][0]
-    assert run["jobs"] == 2 and run["wall_s"] >= run["pipeline_s"] > 0
-    assert run["table"]["identical"], run["table"]["differences"]
+    assert one["methods"]["DPO"]["validation"] == two["methods"]["DPO"]["validation"]
+    subset = {"methods": {m: two["methods"][m] for m in one["methods"]},
+              "curves": {c: two["curves"][c] for c in one["curves"]}}
+    table = demo_time.compare_tables(subset, one)
+    assert table["identical"], table["differences"]
     # every row's fields and every curve were compared, and were equal
-    assert run["table"]["values_equal"] == len(one["methods"]) * len(ROW_FIELDS) + len(one["curves"])
+    assert table["values_equal"] == len(one["methods"]) * len(ROW_FIELDS) + len(one["curves"])
     for jobs in (1, 2):  # the services stopped cleanly when each run ended
-        assert "stopped" in (workdirs[jobs] / "run-0/logs/teacher.log").read_text()
+        assert "stopped" in (workdirs[jobs] / "logs/teacher.log").read_text()
+
+    # `adpa bench demo --baseline`: its run of `adpa demo` (a new process per repeat) stubbed by one that
+    # writes the jobs-2 table again.
+    commands = []
+
+    def demo_process(command, **kwargs):
+        commands.append(command)
+        workdir = Path(command[command.index("--workdir") + 1])
+        workdir.mkdir(parents=True)
+        (workdir / "results.json").write_text(json.dumps(two))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(demo_time.subprocess, "run", demo_process)
+    out = tmp_path / "time.json"
+    assert cli_main(["bench", "demo", "--config", str(tmp_path / "jobs2.yaml"), "--repeats", "2",
+                     "--baseline", str(workdirs[2] / "results.json"), "--out", str(out)]) == 0
+    assert [c[1:4] for c in commands] == [["-m", "adpa.cli", "demo"]] * 2
+    assert all(c[c.index("--config") + 1] == str(tmp_path / "jobs2.yaml") for c in commands)
+    doc = json.loads(out.read_text())
+    assert len(doc["runs"]) == 2 and doc["wall_s_min"] <= doc["wall_s_median"]
+    for run in doc["runs"]:
+        assert run["jobs"] == 2 and run["pipeline_s"] == two["seconds"] and run["wall_s"] >= 0
+        assert run["table"]["identical"], run["table"]["differences"]
+        assert run["table"]["values_equal"] == len(two["methods"]) * len(ROW_FIELDS) + len(two["curves"])

@@ -84,16 +84,45 @@ def student(models_dir):
     return make_tiny_model(models_dir / "fault-student", layers=1, hidden=32, heads=2, seed=5)
 
 
+class Teachers:
+    """Two teachers on the same model, shared by the tests below: each test leaves `a` and `b` running
+    the original model (a killed `a` replaced on its port), so the next one needs no new starts."""
+
+    def __init__(self, folder, model, reference):
+        self.folder, self.model, self.reference = folder, model, reference
+        self.a, self.b = (teacher(folder, name, model, reference).launch() for name in ("a", "b"))
+        for server in (self.a, self.b):  # both load at once
+            server.wait_ready()
+
+    def restart_a(self, name: str, model=None) -> ServiceProcess:
+        """Start another `a` on the killed one's ports (`model`: other weights)."""
+        self.a = teacher(self.folder, name, model or self.model, self.reference, port=self.a.port,
+                         http_port=self.a.http_port).start()
+        return self.a
+
+    def running(self) -> tuple[ServiceProcess, ServiceProcess]:
+        if self.a.proc.poll() is not None:  # a test before this one failed half way
+            self.restart_a("a-again")
+        return self.a, self.b
+
+    def stop(self) -> None:
+        for server in (self.a, self.b):
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory, teacher_path, reference_path):
+    pair = Teachers(tmp_path_factory.mktemp("teachers"), teacher_path, reference_path)
+    yield pair
+    pair.stop()
+
+
 def test_kill_9_mid_training_fails_over_to_the_same_weights_and_the_teacher_rejoins(
-    tmp_path, prefs, student, teacher_path, reference_path, caplog
+    tmp_path, prefs, student, teachers, caplog
 ):
     records = load_records(str(prefs))
-    a = teacher(tmp_path, "a", teacher_path, reference_path)
-    b = teacher(tmp_path, "b", teacher_path, reference_path)
-    restarted = None
+    a, b = teachers.running()
     try:
-        a.start()
-        b.start()
         endpoints = [a.endpoint, b.endpoint]
         with RecordingClient(endpoints) as client:
             undisturbed = run_distill(str(student), config(tmp_path / "undisturbed", ",".join(endpoints)), records,
@@ -120,8 +149,7 @@ def test_kill_9_mid_training_fails_over_to_the_same_weights_and_the_teacher_rejo
                    [e["loss"] for e in undisturbed.state.log_history if "loss" in e]
 
             # Restarted on its port, it gets requests again once its cool-off is over.
-            restarted = teacher(tmp_path, "a-restarted", teacher_path, reference_path, port=a.port,
-                                http_port=a.http_port).start()
+            restarted = teachers.restart_a("a-restarted")
             deadline = time.monotonic() + 60
             while not any(r.endswith(f":{restarted.proc.pid}") for r in client.replicas):
                 assert time.monotonic() < deadline, "the restarted teacher never got a request"
@@ -129,38 +157,25 @@ def test_kill_9_mid_training_fails_over_to_the_same_weights_and_the_teacher_rejo
                 time.sleep(0.2)
             assert restarted.proc.pid != killed_pid
     finally:
-        for server in (a, b, restarted):
-            if server is not None:
-                server.stop()
+        a.stop()  # the killed one (its log file closed); `teachers` stops the one now on its port
 
 
-def test_a_teacher_restarted_with_another_model_stops_the_run(tmp_path, prefs, student, teacher_path, reference_path,
+def test_a_teacher_restarted_with_another_model_stops_the_run(tmp_path, prefs, student, teachers, teacher_path,
                                                               models_dir):
     other = make_tiny_model(models_dir / "fault-other-teacher", layers=2, hidden=64, seed=11)  # same tokenizer
     records = load_records(str(prefs))
-    a = teacher(tmp_path, "a", teacher_path, reference_path)
-    b = teacher(tmp_path, "b", teacher_path, reference_path)
-    swapped = None
+    a, b = teachers.running()
     try:
-        a.start()
-        b.start()
-
-        def swap():  # a dies and comes back, on its port, serving other weights
-            nonlocal swapped
-            a.proc.kill()
-            a.proc.wait()
-            swapped = teacher(tmp_path, "a-other", other, reference_path, port=a.port, http_port=a.http_port).start()
-
         with RecordingClient([b.endpoint, a.endpoint], max_cooldown_s=1.0) as client:
             client.info()  # the handshake: b, the original model
-            swap()
+            a.proc.kill()  # a dies and comes back, on its port, serving other weights
+            a.proc.wait()
+            teachers.restart_a("a-other", other)
             with pytest.raises(TeacherChanged) as err:
                 run_distill(str(student), config(tmp_path / "run", f"{b.endpoint},{a.endpoint}"), records,
                             teacher=client, silent=True)
-        message = str(err.value)
-        assert a.endpoint in message and str(other) in message and str(teacher_path) in message, message
-        assert "must not be mixed" in message and "stops" in message
     finally:
-        for server in (a, b, swapped):
-            if server is not None:
-                server.stop()
+        a.stop()  # the killed one (its log file closed); `teachers` stops the one now on its port
+    message = str(err.value)
+    assert a.endpoint in message and str(other) in message and str(teacher_path) in message, message
+    assert "must not be mixed" in message and "stops" in message

@@ -28,13 +28,14 @@ def heavy_request():
     return codec.query_to_pb(query)
 
 
-@pytest.fixture()
-def slow_server(tmp_path, reference_path):
-    """A reference that admits one request at a time and forwards one sequence per micro-batch."""
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory, reference_path):
+    """A reference that admits one request at a time and forwards one sequence per micro-batch. The
+    tests below share it, in order: the last one stops it with SIGTERM."""
     server = ServiceProcess(
         ["--role", "reference", "--model", str(reference_path), "--max-inflight", "1", "--max-batch-tokens", "256",
          "--grace-period-s", "30"],
-        env=SERVER_ENV, log_path=tmp_path / "serve.log",
+        env=SERVER_ENV, log_path=tmp_path_factory.mktemp("slow") / "serve.log",
     )
     server.start()
     yield server
@@ -83,6 +84,13 @@ def test_missed_deadline_is_deadline_exceeded(slow_server):
     # ~1.5 s of forwards on 2 cores (512 micro-batches), one scored position each.
     huge = ScoreQuery(sequences=HEAVY * 8, ranges=[(249, 250)] * 512, signal="logprobs",
                       support=SupportSpec("topk", k=4))
+
+    def counts() -> list[float]:  # the server is shared: what this test adds is compared
+        port = slow_server.http_port
+        return [*(metric_value(port, "adpa_requests_total", code=code, transport="grpc", method="Score")
+                  for code in ("DEADLINE_EXCEEDED", "OK")), metric_value(port, "adpa_scored_positions_total")]
+
+    before = counts()
     with grpc.insecure_channel(f"127.0.0.1:{slow_server.port}") as channel:
         stub = scoring_pb2_grpc.ScorerStub(channel)
         with pytest.raises(grpc.RpcError) as err:
@@ -94,10 +102,7 @@ def test_missed_deadline_is_deadline_exceeded(slow_server):
         answer = client.score(HEAVY[:1], [(0, 5)], support=SupportSpec("topk", k=2))
     assert answer.indices.shape == (5, 2)
     # Abandoned, not finished: it ended DEADLINE_EXCEEDED and none of its 512 positions was answered.
-    score = dict(transport="grpc", method="Score")
-    assert metric_value(slow_server.http_port, "adpa_requests_total", code="DEADLINE_EXCEEDED", **score) == 1
-    assert metric_value(slow_server.http_port, "adpa_requests_total", code="OK", **score) == 1
-    assert metric_value(slow_server.http_port, "adpa_scored_positions_total") == 5
+    assert [after - was for after, was in zip(counts(), before)] == [1, 1, 5]
 
 
 def test_sigterm_finishes_running_work_then_exits(slow_server):

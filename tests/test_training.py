@@ -184,9 +184,10 @@ def test_offline_adpa_reuses_cached_samples_and_signals(tmp_path, prefs, student
     assert losses_of(second) == pytest.approx(losses_of(first), abs=1e-6)
 
 
-def _train_cli(out: Path, student: Path, prefs: Path, teacher: Path, reference: Path, *extra: str) -> list[str]:
+def _train_args(out: Path, student: Path, prefs: Path, teacher: Path, reference: Path, *extra: str) -> list[str]:
+    """`adpa train` arguments of a 24-step DCKD run that saves a checkpoint every 4 steps."""
     return [
-        sys.executable, "-m", "adpa.cli", "train", "dckd", "--model", str(student), "--dataset", str(prefs),
+        "dckd", "--model", str(student), "--dataset", str(prefs),
         "--output_dir", str(out), "--teacher", f"local:{teacher}", "--reference", str(reference),
         "--max_steps", "24", "--per_device_train_batch_size", "2", "--learning_rate", "3e-3", "--save_steps", "4",
         "--report_to", "none", "--use_cpu", "true", "--support_k", "8", "--seed", "0", "--disable_tqdm", "true",
@@ -196,12 +197,17 @@ def _train_cli(out: Path, student: Path, prefs: Path, teacher: Path, reference: 
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path, prefs, student_path, teacher_path, reference_path):
+    """A run SIGKILLed as a process (`adpa train` in a subprocess), resumed from its last checkpoint,
+    ends with the weights of an uninterrupted run (the uninterrupted run and the resumption call the
+    same entry point in this process)."""
+    from adpa.training.cli import train_main
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = (student_path, prefs, teacher_path, reference_path)
-    subprocess.run(_train_cli(tmp_path / "full", *args), check=True, env=env, capture_output=True, timeout=600)
+    assert train_main(_train_args(tmp_path / "full", *args)) == 0
 
-    killed = subprocess.Popen(_train_cli(tmp_path / "killed", *args), env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen([sys.executable, "-m", "adpa.cli", "train", *_train_args(tmp_path / "killed", *args)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while not (tmp_path / "killed/checkpoint-8/trainer_state.json").exists():
             try:  # poll every 50 ms; the run must still be going when checkpoint-8 appears
@@ -216,8 +222,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, prefs, student_path, t
     checkpoints = sorted((tmp_path / "killed").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     latest = [c for c in checkpoints if (c / "trainer_state.json").exists()][-1]
     assert int(latest.name.split("-")[1]) < 24
-    subprocess.run(_train_cli(tmp_path / "killed", *args, "--resume_from_checkpoint", str(latest)), check=True,
-                   env=env, capture_output=True, timeout=600)
+    assert train_main(_train_args(tmp_path / "killed", *args, "--resume_from_checkpoint", str(latest))) == 0
 
     full = load_file(tmp_path / "full/model.safetensors")
     resumed = load_file(tmp_path / "killed/model.safetensors")
