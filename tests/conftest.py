@@ -24,10 +24,19 @@ SERVER_FIXTURES = {
 }
 
 
+# pytest-xdist (`--dist loadfile`) hands whole files to its workers in collection order: the longest
+# first, so that the workers finish together rather than one running a long file alone at the end.
+LONGEST_FIRST = ("test_demo.py", "test_ray_serve.py", "test_deploy.py", "test_bench.py", "test_lifecycle.py",
+                 "test_fuzz.py", "test_distributed.py", "test_reliability.py", "test_faults.py",
+                 "test_real_checkpoints.py", "test_bad_input.py")
+
+
 def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
 
 
 @pytest.fixture(scope="session")

@@ -81,19 +81,6 @@ def test_the_console_script_runs():
     assert proc.returncode == 0 and proc.stdout.startswith("adpa ")
 
 
-@pytest.mark.slow
-def test_teacher_refuses_a_reference_with_another_tokenizer(teacher_path, other_tokenizer_path, tmp_path):
-    from adpa.services.launch import ServiceProcess
-
-    server = ServiceProcess(
-        ["--role", "teacher", "--model", str(teacher_path), "--reference", str(other_tokenizer_path)],
-        env={"ADPA_TORCH_THREADS": "1"}, log_path=tmp_path / "serve.log", http=False,
-    )
-    with pytest.raises(RuntimeError, match="exited with code"):
-        server.start()
-    assert "do not share a tokenizer" in (tmp_path / "serve.log").read_text()
-
-
 def test_an_empty_environment_variable_is_unset(monkeypatch):
     """`ADPA_AUTH_TOKEN=` (an empty line in a compose .env) must not turn auth on with an empty token."""
     monkeypatch.setenv("ADPA_AUTH_TOKEN", "")

@@ -194,7 +194,7 @@ def test_a_different_tokenizer_is_refused_in_one_line_with_exit_code_2(tmp_path,
         capture_output=True, text=True, env=env, timeout=120,
     )
     line = _one_line_refusal(serve, ours, theirs)
-    assert "640" in line and "523 tokens" in line
+    assert "640" in line and "523 tokens" in line and "do not share a tokenizer" in line
     records = tmp_path / "prefs.jsonl"
     records.write_text("\n".join(json.dumps(r) for r in make_records(4)))
     train = subprocess.run(
