@@ -1,6 +1,6 @@
 """`python tests/children_unmeasured.py MODULE ARGS...`: run MODULE as `python -m MODULE ARGS...` would,
 measured by coverage when the suite measures subprocesses, but with the processes it starts left
-unmeasured (see conftest.ray_processes_unmeasured: for `adpa serve --ray`, those are Ray's)."""
+unmeasured (see conftest.children_unmeasured: for `adpa serve --ray`, those are Ray's)."""
 
 import os
 import runpy

@@ -127,13 +127,17 @@ RAY_TOKEN = "ray-s3cret"
 
 
 @contextlib.contextmanager
-def ray_processes_unmeasured():
-    """Start Ray inside this block so that its processes are not measured by coverage.
+def children_unmeasured():
+    """Processes started inside this block are not measured by coverage.
 
     `make test` measures every Python process the suite starts (coverage's subprocess patch passes
-    COVERAGE_PROCESS_CONFIG down the environment). Ray's processes (raylet workers, Serve's controller,
-    proxies and replicas) inherit it from the process that starts Ray, and Ray ends them without the
-    normal exit that writes coverage data: tracing them slows every Ray test and records nothing.
+    COVERAGE_PROCESS_CONFIG down the environment), and tracing makes Python code several times
+    slower. Two kinds of process are better left out:
+    - Ray's own (raylet workers, Serve's controller, proxies and replicas): Ray ends them without the
+      normal exit that writes coverage data, so tracing them costs time and records nothing;
+    - servers and workers that run only code other processes of the suite measure already (the
+      servers a fault test kills, those a benchmark loads): left out, every module's coverage is the
+      same (checked with per-test coverage contexts when they were chosen).
     """
     saved = os.environ.pop("COVERAGE_PROCESS_CONFIG", None)
     try:
@@ -141,6 +145,14 @@ def ray_processes_unmeasured():
     finally:
         if saved is not None:
             os.environ["COVERAGE_PROCESS_CONFIG"] = saved
+
+
+@pytest.fixture(scope="module")
+def module_children_unmeasured():
+    """children_unmeasured() for a whole test module: list it first among a module fixture's
+    arguments (or autouse it) so that the module's own servers start inside it."""
+    with children_unmeasured():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -153,7 +165,7 @@ def ray_serve(tmp_path_factory):
     from adpa.services.ray.app import GRPC_SERVICER_FUNCTIONS
 
     # Logical CPUs: replicas reserve a share each; the work itself is what 2 cores give.
-    with ray_processes_unmeasured():
+    with children_unmeasured():
         ray.init(address="local", include_dashboard=False, num_cpus=4, log_to_driver=False,
                  _temp_dir=str(tmp_path_factory.mktemp("ray")),
                  runtime_env={"env_vars": {**SERVER_ENV, "ADPA_AUTH_TOKEN": RAY_TOKEN}})

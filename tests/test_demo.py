@@ -16,6 +16,8 @@ from adpa.demo.pipeline import DemoRun
 from adpa.demo.research import run_research, write_research
 from adpa.demo.world import Prompt, RewardWeights, World, WorldConfig, reward
 
+from .conftest import children_unmeasured
+
 SMALL = {
     "world": {"num_sft": 600, "num_pairs": 300, "num_validation": 20, "num_test": 60},
     "teacher_sft": {"steps": 150, "lr": 3.0e-3, "batch_size": 32},
@@ -90,7 +92,8 @@ def test_every_demo_training_runs_in_fp32(tmp_path):
 def small_demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     config = DemoConfig.model_validate(SMALL_RESEARCH)
-    results = run_research([config], workdir, command="adpa demo --config small.yaml")
+    with children_unmeasured():  # the services: the test below measures the demo's processes
+        results = run_research([config], workdir, command="adpa demo --config small.yaml")
     write_research(results, workdir / "out")
     return workdir, results
 

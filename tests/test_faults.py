@@ -111,7 +111,7 @@ class Teachers:
 
 
 @pytest.fixture(scope="module")
-def teachers(tmp_path_factory, teacher_path, reference_path):
+def teachers(module_children_unmeasured, tmp_path_factory, teacher_path, reference_path):
     pair = Teachers(tmp_path_factory.mktemp("teachers"), teacher_path, reference_path)
     yield pair
     pair.stop()

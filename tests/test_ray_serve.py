@@ -249,8 +249,8 @@ def serve_ray_process(tmp_path, teacher_path, reference_path, *flags: str):
     log = tmp_path / f"serve-{Path(ray_tmp).name}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "children_unmeasured.py"), "adpa.cli", "serve", "--ray", "--role", "teacher", "--model", str(teacher_path),
-             "--reference", str(reference_path), "--port", str(ports["grpc"]), "--http-port", str(ports["http"]),
+            [sys.executable, str(ROOT / "tests" / "children_unmeasured.py"), "adpa.cli", "serve", "--ray",
+             "--role", "teacher", "--model", str(teacher_path), "--reference", str(reference_path), "--port", str(ports["grpc"]), "--http-port", str(ports["http"]),
              "--grace-period-s", "5", *flags],
             env=env, stdout=out, stderr=subprocess.STDOUT,
         )

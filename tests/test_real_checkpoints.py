@@ -121,7 +121,7 @@ def test_padded_teacher_signals_on_the_shared_range_are_exact(real, tokenizer, p
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory, real):
+def servers(module_children_unmeasured, tmp_path_factory, real):
     """A: padded teacher, unpadded reference; B: unpadded teacher, padded reference (in process)."""
     started = []
     try:

@@ -27,7 +27,7 @@ from adpa.protocol import ScoreQuery, SupportSpec
 from adpa.v1 import scoring_pb2 as pb
 from adpa.v1 import scoring_pb2_grpc as pb_grpc
 
-from .conftest import metric_value, start_service
+from .conftest import children_unmeasured, metric_value, start_service
 
 pytestmark = pytest.mark.slow
 
@@ -288,10 +288,11 @@ def test_a_teacher_with_a_wrong_reference_token_exits_at_once(tmp_path, teacher_
 
 @pytest.fixture()
 def small_server(tmp_path_factory, reference_path):
-    server = start_service(
-        tmp_path_factory,
-        ["--role", "reference", "--model", str(reference_path), "--max-inflight", "4", "--max-batch-tokens", "512"],
-    )
+    with children_unmeasured():
+        server = start_service(
+            tmp_path_factory,
+            ["--role", "reference", "--model", str(reference_path), "--max-inflight", "4", "--max-batch-tokens", "512"],
+        )
     yield server
     server.stop()
 
