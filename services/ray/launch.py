@@ -1,7 +1,7 @@
 """`adpa serve --ray`: the Ray Serve application from the same settings as `adpa serve`.
 
     adpa serve --ray --role teacher --model runs/dpo --reference runs/sft --auth-token "$TOKEN" \\
-        --ray-replicas 2 --port 9000 --http-port 8000
+        --ray-replicas 2 --port 9000 --http-port 8000     # or --ray-autoscale 1:4: Serve adds and removes replicas
 
 Checks that the deployments fit the cluster (exit 2 naming the numbers, or `--ray-allow-degraded`:
 before starting a local Ray, whose resources are known, and again once joined), starts (or joins,
@@ -122,6 +122,9 @@ def serve_on_ray(config: ServeConfig) -> int:
             return 2
         if warning:
             logger.warning("serving degraded (--ray-allow-degraded): %s", warning)
+        elif config.ray_autoscale and (beyond := shortfall(app_asks(config, most=True), ray.cluster_resources())):
+            # Not refused: a cluster with Ray's autoscaler adds nodes for replicas that wait.
+            logger.warning("--ray-autoscale %s: at its maximum, %s", config.ray_autoscale, beyond)
         serve.start(
             http_options={"host": config.host, "port": config.http_port},
             grpc_options={"port": config.port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS},
