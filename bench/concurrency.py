@@ -184,8 +184,10 @@ def hops(point: dict, serve_logs: dict[str, float] | None) -> dict[str, float]:
     and the proxy's own work; the proxy's router and the call to the replica actor (serialisation
     both ways); Serve's replica wrapper; the front end (admission, decode, forward, encode)."""
     client, front = point["latency_mean_ms"], 1000 * point["server_seconds_per_request"]
-    if not serve_logs:
+    if serve_logs is None:
         return {"grpc (client and server)": client - front, "front end": front}
+    if not serve_logs:  # no call in both logs
+        return {}
     proxy, replica = serve_logs["proxy_ms"], serve_logs["replica_ms"]
     return {"grpc to the proxy, proxy": client - proxy, "router + actor call to the replica": proxy - replica,
             "replica wrapper": replica - front, "front end": front}
@@ -252,7 +254,8 @@ def sampled(groups: dict[str, list[psutil.Process]], roles: list[str], seconds: 
 
 
 def run_point(args, endpoint: str, token: str | None, metrics_url: str, trainers: int, vocab: int,
-              groups: dict[str, list[psutil.Process]] | None = None, profile_roles: list[str] | None = None) -> dict:
+              groups: dict[str, list[psutil.Process]] | None = None, profile_roles: list[str] | None = None,
+              serve_logs: ServeLogs | None = None) -> dict:
     stop = threading.Event()
     measuring = threading.Event()
     latencies: list[float] = []
@@ -284,6 +287,8 @@ def run_point(args, endpoint: str, token: str | None, metrics_url: str, trainers
     for t in threads:
         t.start()
     time.sleep(args.warmup)
+    if serve_logs:
+        serve_logs.mark()
     before = batch_counters(metrics_url)
     cpu_before = cpu_seconds(groups or {})
     load_before = os.getloadavg()[0]
@@ -298,13 +303,14 @@ def run_point(args, endpoint: str, token: str | None, metrics_url: str, trainers
         elapsed = time.perf_counter() - started
         cpu_after = cpu_seconds(groups or {})
         after = batch_counters(metrics_url)
+        logged = serve_logs.since_mark() if serve_logs else None
     stop.set()
     for t in threads:
         t.join(120)
     forwards = after["adpa_batch_requests_count"] - before["adpa_batch_requests_count"]
     ordered = sorted(latencies)
     answered = max(len(latencies), 1)
-    return {
+    point = {
         "py_spy_shares": profile,
         # CPU time per answered request of each process group over the timed window: what a request
         # costs whatever else runs on the machine (throughput on shared cores is CPU / this).
@@ -324,6 +330,10 @@ def run_point(args, endpoint: str, token: str | None, metrics_url: str, trainers
         "requests_per_forward": (after["adpa_batch_requests_sum"] - before["adpa_batch_requests_sum"]) / max(forwards, 1),
         "sequences_per_forward": (after["adpa_batch_sequences_sum"] - before["adpa_batch_sequences_sum"]) / max(forwards, 1),
     }
+    # One request at a time only: with several in flight, queueing at each hop makes the means of
+    # the different logs' windows not subtract.
+    point["hops_ms"] = hops(point, logged) if trainers == 1 and ordered else {}
+    return point
 
 
 def serve_args(args, batching: bool) -> list[str]:
@@ -426,7 +436,7 @@ def print_table(doc: dict) -> None:
     table_line()
     table_line("where a request's time goes (mean ms; the hops of `hops`) and the CPU it costs (ms per request):")
     for r in doc["points"]:
-        split = ", ".join(f"{k} {v:.1f}" for k, v in r["hops_ms"].items())
+        split = ", ".join(f"{k} {v:.1f}" for k, v in r["hops_ms"].items()) or "(hops: 1 trainer only)"
         cpu = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_ms_per_request"].items())
         table_line(f"{r['mode']:10} {r['batching']:3} {r['trainers']:2d}: {split} | CPU {sum(r['cpu_ms_per_request'].values()):.1f} "
                    f"({cpu}) | load {r['load_average'][0]:.1f}->{r['load_average'][1]:.1f}")
@@ -489,13 +499,10 @@ def main(argv=None) -> int:
                     with server as (endpoint, token, metrics_url, pids):
                         logs = ServeLogs(work / "ray" / "session_latest" / "logs" / "serve") if on_ray else None
                         for n in trainer_counts:
-                            if logs:
-                                logs.mark()
                             roles = ((["serve proxy", "serve replica"] if on_ray else ["adpa serve"])
                                      if args.py_spy and n == trainer_counts[0] else None)
                             point = run_point(args, endpoint, token, metrics_url, n, vocab, process_groups(mode, pids),
-                                              roles)
-                            point["hops_ms"] = hops(point, logs.since_mark() if logs else None)
+                                              roles, logs)
                             points.append({"mode": mode, "batching": batching, **point})
                             table_line(f"{mode} batching={batching} trainers={n}: {point['positions_per_s']:.0f} pos/s")
     doc = {"config": vars(args), "vocab_size": vocab, "cpus": os.cpu_count(), "torch": torch.__version__,

@@ -147,6 +147,18 @@ def test_kuberay_manifest_runs_the_same_application():
     assert in_cluster["grpc_options"]["grpc_servicer_functions"] == serve_yaml["grpc_options"]["grpc_servicer_functions"]
 
 
+def test_kuberay_pods_start_ray_with_the_request_path_of_adpa_serve_ray():
+    from adpa.services.ray.launch import SERVE_ENV
+
+    cluster = yaml.safe_load((ROOT / "deploy/kuberay/rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, container["name"]
+    assert cluster["enableInTreeAutoscaling"]  # nodes for the replicas Serve's autoscaler adds
+
+
 def test_serve_yaml_is_a_valid_serve_config_of_this_application():
     from ray.serve.schema import ServeDeploySchema
 
