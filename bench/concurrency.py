@@ -14,6 +14,14 @@ trainer without prefetch. Reported per point: scored positions/s, request latenc
 the micro-batches that formed in the teacher (requests and sequences per forward, from its
 /metrics). Servers get one torch thread each; the trainers run in this process.
 
+Also per point: the CPU time per request of every process that serves it (user + system, from
+/proc: the server, or Ray's proxy, replicas, controller, raylet and GCS, and the trainers), and
+at 1 trainer where a request's time goes (`hops`: the trainer's latency, Serve's access-log times
+at the proxy and the replica, the front end's own time). `ray` starts Ray with the Serve settings
+of `adpa serve --ray` (SERVE_ENV), `ray-plain` with Serve's defaults; `--py-spy` samples the
+server, the proxy and the replica at the first --trainers point (docs/benchmarks.md, "Ray
+Serve's hops").
+
 JSON goes to stdout (or --out), a table to stderr. Time nothing else on the machine meanwhile.
 """
 
@@ -196,31 +204,44 @@ def hops(point: dict, serve_logs: dict[str, float] | None) -> dict[str, float]:
 # Where a sampled stack spends its time, by the first pattern that matches it (the innermost
 # frames decide: a stack ending in pickle is serialisation whoever called it).
 CATEGORIES = [
+    # py-spy (--nonblocking) also samples threads parked in a wait: not CPU, left out of the shares.
+    ("waiting", re.compile(r"^(Condition\.wait|Event\.wait|EpollSelector\.select|sleep|_worker|Queue\.get|"
+                           r"Thread\.join|_wait_for_tstate_lock) \(")),
     ("serialisation (pickle, protobuf, Ray's serializer)", re.compile(
         r"pickle|serializ|SerializeToString|ParseFromString|FromString|_pb2|codec\.py|cloudpickle", re.I)),
     ("forward and signals (torch, engine)", re.compile(r"torch|engine\.py|scoring\.py|signals|batching\.py|transformers")),
     ("Serve's router and handles", re.compile(r"router|request_router|handle\.py|replica_scheduler|long_poll")),
     ("Serve's proxy and replica wrappers", re.compile(r"serve/_private/(proxy|replica|grpc_util|proxy_request)")),
     ("gRPC", re.compile(r"grpc", re.I)),
-    ("asyncio and threads", re.compile(r"asyncio|threading|concurrent/futures|selectors")),
     ("Ray core (actor calls, object store)", re.compile(r"ray/_raylet|_private/worker|ray/_private")),
+    ("event loop and thread hand-offs", re.compile(r"asyncio|concurrent/futures|selectors|^(Condition|Lock|Event)\.")),
+    # A thread's run() innermost: native code (gRPC's core, torch's kernels) below Python.
+    ("native code under Thread.run", re.compile(r"threading")),
 ]
 
 
 def stack_shares(collapsed: str) -> dict[str, float]:
-    """Shares of py-spy's samples (collapsed stacks, `--format raw`) by CATEGORIES, innermost
-    frame first; the rest is "other"."""
+    """Shares of py-spy's busy samples (collapsed stacks, `--format raw`) by CATEGORIES, innermost
+    frame first (the rest is "other"); "waiting" samples are left out of the shares, and reported
+    as "waiting (left out)", their share of all samples."""
     counts: dict[str, float] = {}
-    total = 0
     for line in collapsed.splitlines():
         stack, _, n = line.rpartition(" ")
         if not n.isdigit():
             continue
         frames = stack.split(";")[::-1]
-        name = next((label for frame in frames for label, pattern in CATEGORIES if pattern.search(frame)), "other")
+        if CATEGORIES[0][1].search(frames[0]):
+            name = "waiting"
+        else:
+            name = next((label for frame in frames for label, pattern in CATEGORIES[1:] if pattern.search(frame)),
+                        "other")
         counts[name] = counts.get(name, 0) + int(n)
-        total += int(n)
-    return {k: v / total for k, v in sorted(counts.items(), key=lambda kv: -kv[1])} if total else {}
+    waiting = counts.pop("waiting", 0)
+    busy = sum(counts.values())
+    if not busy:
+        return {}
+    shares = {k: v / busy for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+    return {**shares, "waiting (left out)": waiting / (busy + waiting)}
 
 
 @contextmanager
