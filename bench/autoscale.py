@@ -5,9 +5,10 @@ follow them up and down, and every request is answered exactly once.
     adpa bench autoscale --trainers 2 --step 12 --tail 12                  # a quicker look
 
 Builds a tiny teacher (seed 1) and reference (seed 2) and deploys services/ray/app.py on a local
-Ray of `--cpus` logical CPUs, the reference in every teacher replica, each replica reserving
-`--cpus-per-replica` (0.5: two replicas on two cores), with `--ray-autoscale MIN:MAX`, a target of
-`--target` ongoing requests per replica and short metric periods and delays. Trainers 1..N
+Ray of `--cpus` logical CPUs (Serve set up as `adpa serve --ray` does, SERVE_ENV), the reference
+in every teacher replica, each replica reserving `--cpus-per-replica` (0.5: two replicas on two
+cores), with ray_autoscale `--autoscale`, a target of `--target` ongoing requests per replica and
+short metric periods and delays. Trainers 1..N
 join every `--step` seconds, hold for a step, and leave one by one at the same pace; each sends
 ADVANTAGE requests back to back (no retries, so a failure is seen as one) with its own request
 id, also sent as Serve's request_id metadata. Recorded: the teacher's replicas over time
@@ -16,7 +17,7 @@ per-trainer positions/s in each phase, and how many times each request id ran on
 replicas' access logs): 0 failed and 0 duplicated requests is the pass line. Each of Serve's
 scaling decisions (its controller's log) is timed from the trainer join (leave) before it, and to
 serve.status() showing the new replica RUNNING (the old one gone): "load to ready" = join to
-decision (metric periods and upscale delay) + decision to ready (a Ray worker and the models loaded).
+decision (metric periods and upscale delay) + decision to ready (a Ray worker, models loaded).
 
 JSON goes to stdout (or --out), a table to stderr.
 """
@@ -41,7 +42,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from adpa import codec
-from adpa.bench.concurrency import add_request_arguments, requests_for
+from adpa.bench.concurrency import add_request_arguments, requests_for, serve_settings
 from adpa.bench.report import add_out, benchmark_parser, emit, table_line
 from adpa.protocol import ScoreQuery, SupportSpec
 from adpa.services.launch import free_port
@@ -271,9 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         teacher = make_tiny_model(work / "teacher", seed=1, **size)
         reference = make_tiny_model(work / "reference", seed=2, **size)
         ray_dir = work / "ray"
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=args.cpus,
-                 _temp_dir=str(ray_dir),
-                 runtime_env={"env_vars": {"ADPA_AUTH_TOKEN": token, "OMP_NUM_THREADS": "1"}})
+        with serve_settings(plain=False):  # Serve's request path as `adpa serve --ray` starts it
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=args.cpus,
+                     _temp_dir=str(ray_dir),
+                     runtime_env={"env_vars": {"ADPA_AUTH_TOKEN": token, "OMP_NUM_THREADS": "1"}})
         samples: list[dict] = []
         recorder = Recorder()
         stop = threading.Event()
@@ -334,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         summary["load_to_ready_s"] = [d["load_to_done_s"] for d in ups]
         summary["decision_to_ready_s"] = [d["decision_to_done_s"] for d in ups]
     doc = {"config": vars(args), "cpus": os.cpu_count(), "load_average": os.getloadavg(), "plan": plan,
-           "phases": phases(plan, end, samples, requests), "scalings": scaled, "replicas": samples, "summary": summary, "requests": requests}
+           "phases": phases(plan, end, samples, requests), "scalings": scaled, "replicas": samples,
+           "summary": summary, "requests": requests}
     print_table(doc)
     return emit(compact(doc, args.all_requests), args.out)
 

@@ -209,7 +209,8 @@ CATEGORIES = [
                            r"Thread\.join|_wait_for_tstate_lock) \(")),
     ("serialisation (pickle, protobuf, Ray's serializer)", re.compile(
         r"pickle|serializ|SerializeToString|ParseFromString|FromString|_pb2|codec\.py|cloudpickle", re.I)),
-    ("forward and signals (torch, engine)", re.compile(r"torch|engine\.py|scoring\.py|signals|batching\.py|transformers")),
+    ("forward and signals (torch, engine)",
+     re.compile(r"torch|engine\.py|scoring\.py|signals|batching\.py|transformers")),
     ("Serve's router and handles", re.compile(r"router|request_router|handle\.py|replica_scheduler|long_poll")),
     ("Serve's proxy and replica wrappers", re.compile(r"serve/_private/(proxy|replica|grpc_util|proxy_request)")),
     ("gRPC", re.compile(r"grpc", re.I)),
@@ -336,7 +337,8 @@ def run_point(args, endpoint: str, token: str | None, metrics_url: str, trainers
         # CPU time per answered request of each process group over the timed window: what a request
         # costs whatever else runs on the machine (throughput on shared cores is CPU / this).
         "cpu_ms_per_request": {role: 1000 * (cpu_after[role] - cpu_before[role]) / answered for role in cpu_after},
-        "server_seconds_per_request": (after.get("adpa_request_seconds_sum", 0) - before.get("adpa_request_seconds_sum", 0))
+        "server_seconds_per_request": (after.get("adpa_request_seconds_sum", 0)
+                                       - before.get("adpa_request_seconds_sum", 0))
         / max(after.get("adpa_request_seconds_count", 0) - before.get("adpa_request_seconds_count", 0), 1),
         "latency_mean_ms": 1000 * statistics.fmean(ordered) if ordered else None,
         "load_average": [load_before, os.getloadavg()[0]],
@@ -459,8 +461,10 @@ def print_table(doc: dict) -> None:
     for r in doc["points"]:
         split = ", ".join(f"{k} {v:.1f}" for k, v in r["hops_ms"].items()) or "(hops: 1 trainer only)"
         cpu = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_ms_per_request"].items())
-        table_line(f"{r['mode']:10} {r['batching']:3} {r['trainers']:2d}: {split} | CPU {sum(r['cpu_ms_per_request'].values()):.1f} "
-                   f"({cpu}) | load {r['load_average'][0]:.1f}->{r['load_average'][1]:.1f}")
+        total = sum(r["cpu_ms_per_request"].values())
+        load = r["load_average"]
+        table_line(f"{r['mode']:10} {r['batching']:3} {r['trainers']:2d}: {split} | CPU {total:.1f} ({cpu}) | "
+                   f"load {load[0]:.1f}->{load[1]:.1f}")
     for r in doc["points"]:
         for role, shares in r.get("py_spy_shares", {}).items():
             table_line(f"py-spy {r['mode']} {r['trainers']} trainers, {role}: "
