@@ -209,7 +209,9 @@ class ServeConfig(AdpaSettings):
     @property
     def autoscale_target(self) -> float:
         """Requests per replica Serve's autoscaler aims at (`ray_target_ongoing_requests` or its default)."""
-        return self.ray_target_ongoing_requests or max(1.0, self.max_inflight / 2)
+        if self.ray_target_ongoing_requests is not None:
+            return self.ray_target_ongoing_requests
+        return max(1.0, self.max_inflight / 2)
 
     @property
     def remote_reference(self) -> bool:

@@ -360,17 +360,22 @@ def test_three_trainings_at_once_on_ray_serve(tmp_path, student, records, ray_ap
 def test_ray_autoscale_settings_become_serves_autoscaling_config():
     from adpa.services.config import ServeConfig
     from adpa.services.ray.app import autoscaling_config
+    from adpa.services.ray.placement import app_asks
 
     base = {"role": "teacher", "model": "m", "reference": "r", "max_inflight": 32}
     config = ServeConfig.load(**base, ray_autoscale="1:4")
     assert autoscaling_config(config) == {
         "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16.0,  # half of max_inflight
         "upscale_delay_s": 10.0, "downscale_delay_s": 300.0, "metrics_interval_s": 10.0, "look_back_period_s": 30.0}
+    # The start-up check counts the replicas it starts with; the maximum only warns (nodes may be added).
+    assert [a.replicas for a in app_asks(config)] == [1, 1]
+    assert [a.replicas for a in app_asks(config, most=True)] == [4, 1]
     for bad in ("4:1", "0:2", "1-4", "1:x"):
         with pytest.raises(ValueError, match="ray_autoscale"):
             ServeConfig.load(**base, ray_autoscale=bad)
-    with pytest.raises(ValueError, match="max_inflight"):  # a replica never holds more than max_inflight
-        ServeConfig.load(**base, ray_autoscale="1:4", ray_target_ongoing_requests=33)
+    for target in (33, 0):  # a replica never holds more than max_inflight
+        with pytest.raises(ValueError, match="max_inflight"):
+            ServeConfig.load(**base, ray_autoscale="1:4", ray_target_ongoing_requests=target)
 
 
 def _teacher_replicas() -> dict[str, int]:
