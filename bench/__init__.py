@@ -21,7 +21,8 @@ import signal
 import sys
 
 # The order `adpa bench --help` lists benchmarks in (others follow, sorted); ALIASES are other names.
-BENCHMARKS = ("serving", "fidelity", "step_overhead", "concurrency", "memory", "prefix_sharing", "demo_time", "plots")
+BENCHMARKS = ("serving", "fidelity", "step_overhead", "concurrency", "autoscale", "memory", "prefix_sharing", "demo_time",
+              "plots")
 ALIASES = {"overhead": "step_overhead", "prefix": "prefix_sharing", "plot": "plots", "demo": "demo_time"}
 NOT_BENCHMARKS = {"presets"}  # modules here that are helpers, not commands
 # Robustness checks with pass/fail and dev-only dependencies, once benchmarks here: not shipped any more.

@@ -14,13 +14,23 @@ trainer without prefetch. Reported per point: scored positions/s, request latenc
 the micro-batches that formed in the teacher (requests and sequences per forward, from its
 /metrics). Servers get one torch thread each; the trainers run in this process.
 
+Also per point: the CPU time per request of every process that serves it (user + system, from
+/proc: the server, or Ray's proxy, replicas, controller, raylet and GCS, and the trainers), and
+at 1 trainer where a request's time goes (`hops`: the trainer's latency, Serve's access-log times
+at the proxy and the replica, the front end's own time). `ray` starts Ray with the Serve settings
+of `adpa serve --ray` (SERVE_ENV), `ray-plain` with Serve's defaults; `--py-spy` samples the
+server, the proxy and the replica at the first --trainers point (docs/benchmarks.md, "Ray
+Serve's hops").
+
 JSON goes to stdout (or --out), a table to stderr. Time nothing else on the machine meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
+import re
 import secrets
 import statistics
 import sys
@@ -31,6 +41,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers.utils import logging as hf_logging
@@ -42,19 +53,25 @@ from adpa.services.launch import ServiceProcess, free_port
 from adpa.tiny_model import make_tiny_model
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = benchmark_parser(__doc__)
-    p.add_argument("--trainers", default="1,2,4,8", help="comma-separated numbers of concurrent trainers")
-    p.add_argument("--modes", default="standalone,ray", help="comma-separated: standalone, ray")
-    p.add_argument("--batching", default="off,on", help="comma-separated: off, on")
-    p.add_argument("--duration", type=float, default=8.0, help="seconds of load per point")
-    p.add_argument("--warmup", type=float, default=1.0, help="seconds of untimed load before each point")
+def add_request_arguments(p: argparse.ArgumentParser) -> None:
+    """The shape of the trainers' requests (`requests_for`) and of the tiny models they go to."""
     p.add_argument("--batch", type=int, default=4, help="sequences per request")
     p.add_argument("--min-len", type=int, default=16, help="shortest sequence (prompt + response)")
     p.add_argument("--max-len", type=int, default=48, help="longest sequence")
     p.add_argument("--k", type=int, default=8, help="top-k of the support")
     p.add_argument("--layers", type=int, default=2, help="transformer layers of the tiny models")
     p.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny models")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = benchmark_parser(__doc__)
+    p.add_argument("--trainers", default="1,2,4,8", help="comma-separated numbers of concurrent trainers")
+    p.add_argument("--modes", default="standalone,ray", help="comma-separated: standalone, ray (with the Serve "
+                   "settings of `adpa serve --ray`, SERVE_ENV of services/ray/launch.py), ray-plain (Serve's defaults)")
+    p.add_argument("--batching", default="off,on", help="comma-separated: off, on")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds of load per point")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of untimed load before each point")
+    add_request_arguments(p)
     p.add_argument("--batch-wait-ms", type=float, default=0.0, help="the servers' --batch-wait-ms when batching")
     p.add_argument("--reference", default="process", choices=["process", "separate"],
                    help="process: the reference in the teacher's process (standalone --reference PATH, Ray "
@@ -65,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "reserves half a GPU")
     p.add_argument("--models-dir", help="with --preset: where its checkpoints go (default: --workdir)")
     p.add_argument("--workdir", help="where models and logs go (default: a temporary folder)")
+    p.add_argument("--py-spy", action="store_true", help="sample the server (standalone), Serve's proxy and the "
+                   "teacher replica (ray) with py-spy (the dev extra) at the first --trainers point; stacks "
+                   "under --workdir (or here)")
     add_out(p)
     return p.parse_args(argv)
 
@@ -88,10 +108,176 @@ def batch_counters(metrics_url: str) -> dict[str, float]:
         for sample in family.samples:
             if sample.name in ("adpa_batch_requests_sum", "adpa_batch_requests_count", "adpa_batch_sequences_sum"):
                 values[sample.name] = sample.value
+            elif (sample.name in ("adpa_request_seconds_sum", "adpa_request_seconds_count")
+                  and sample.labels.get("method") == "Score"):
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
 
 
-def run_point(args, endpoint: str, token: str | None, metrics_url: str, trainers: int, vocab: int) -> dict:
+def process_groups(mode: str, server_pids: list[int]) -> dict[str, list[psutil.Process]]:
+    """The processes that serve a point, by role: the trainers (this process), the server(s) of the
+    standalone mode, or Ray's proxy, replicas, controller and core processes (this process's
+    descendants: a local Ray started here)."""
+    groups: dict[str, list[psutil.Process]] = {"trainers (this process)": [psutil.Process()]}
+    if mode == "standalone":
+        groups["adpa serve"] = [psutil.Process(pid) for pid in server_pids]
+        return groups
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            line = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        role = ("serve proxy" if "ProxyActor" in line else "serve replica" if "ServeReplica" in line
+                else "serve controller" if "ServeController" in line
+                else "raylet + gcs" if ("raylet" in line or "gcs_server" in line) else "other ray")
+        groups.setdefault(role, []).append(proc)
+    return groups
+
+
+def cpu_seconds(groups: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    """User + system CPU seconds used so far by each group (all threads of its processes)."""
+    out = {}
+    for role, procs in groups.items():
+        total = 0.0
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:  # a worker that exited: its time is lost to the count
+                pass
+        out[role] = total
+    return out
+
+
+class ServeLogs:
+    """Serve's access logs of a local Ray: each call's latency as the gRPC proxy saw it (receiving the
+    call to sending the answer) and as the replica saw it (its method), paired by request id."""
+
+    PROXY = re.compile(r" (\S+) -- /adpa\.v1\.Scorer/Score \S+ OK ([\d.]+)ms")
+    REPLICA = re.compile(r" (\S+) -- CALL \S+ OK ([\d.]+)ms")
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.offsets: dict[str, int] = {}
+
+    def _read_new(self, pattern: str) -> str:
+        text = ""
+        for path in glob.glob(str(self.log_dir / pattern)):
+            path = os.path.realpath(path)  # session_latest moves to each new Ray session
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                fh.seek(self.offsets.get(path, 0))
+                text += fh.read()
+                self.offsets[path] = fh.tell()
+        return text
+
+    def mark(self) -> None:
+        """Skip what is logged so far."""
+        self._read_new("proxy_*.log")
+        self._read_new("replica_adpa_teacher_*.log")
+
+    def since_mark(self) -> dict[str, float]:
+        """Mean proxy and replica milliseconds of the calls logged since `mark` (both sides seen)."""
+        proxy = dict(self.PROXY.findall(self._read_new("proxy_*.log")))
+        replica = dict(self.REPLICA.findall(self._read_new("replica_adpa_teacher_*.log")))
+        both = [k for k in proxy if k in replica]
+        if not both:
+            return {}
+        return {"calls": len(both), "proxy_ms": statistics.fmean(float(proxy[k]) for k in both),
+                "replica_ms": statistics.fmean(float(replica[k]) for k in both)}
+
+
+def hops(point: dict, serve_logs: dict[str, float] | None) -> dict[str, float]:
+    """A request's mean wall time split at each hop, in ms: what the trainer saw, less what the next
+    hop saw. Standalone: gRPC (client and server) around the front end. Ray: gRPC to Serve's proxy
+    and the proxy's own work; the proxy's router and the call to the replica actor (serialisation
+    both ways); Serve's replica wrapper; the front end (admission, decode, forward, encode)."""
+    client, front = point["latency_mean_ms"], 1000 * point["server_seconds_per_request"]
+    if serve_logs is None:
+        return {"grpc (client and server)": client - front, "front end": front}
+    if not serve_logs:  # no call in both logs
+        return {}
+    proxy, replica = serve_logs["proxy_ms"], serve_logs["replica_ms"]
+    return {"grpc to the proxy, proxy": client - proxy, "router + actor call to the replica": proxy - replica,
+            "replica wrapper": replica - front, "front end": front}
+
+
+# Where a sampled stack spends its time, by the first pattern that matches it (the innermost
+# frames decide: a stack ending in pickle is serialisation whoever called it).
+CATEGORIES = [
+    # py-spy (--nonblocking) also samples threads parked in a wait: not CPU, left out of the shares.
+    ("waiting", re.compile(r"^(Condition\.wait|Event\.wait|EpollSelector\.select|sleep|_worker|Queue\.get|"
+                           r"Thread\.join|_wait_for_tstate_lock) \(")),
+    ("serialisation (pickle, protobuf, Ray's serializer)", re.compile(
+        r"pickle|serializ|SerializeToString|ParseFromString|FromString|_pb2|codec\.py|cloudpickle", re.I)),
+    ("forward and signals (torch, engine)",
+     re.compile(r"torch|engine\.py|scoring\.py|signals|batching\.py|transformers")),
+    ("Serve's router and handles", re.compile(r"router|request_router|handle\.py|replica_scheduler|long_poll")),
+    ("Serve's proxy and replica wrappers", re.compile(r"serve/_private/(proxy|replica|grpc_util|proxy_request)")),
+    ("gRPC", re.compile(r"grpc", re.I)),
+    ("Ray core (actor calls, object store)", re.compile(r"ray/_raylet|_private/worker|ray/_private")),
+    ("event loop and thread hand-offs", re.compile(r"asyncio|concurrent/futures|selectors|^(Condition|Lock|Event)\.")),
+    # A thread's run() innermost: native code (gRPC's core, torch's kernels) below Python.
+    ("native code under Thread.run", re.compile(r"threading")),
+]
+
+
+def stack_shares(collapsed: str) -> dict[str, float]:
+    """Shares of py-spy's busy samples (collapsed stacks, `--format raw`) by CATEGORIES, innermost
+    frame first (the rest is "other"); "waiting" samples are left out of the shares, and reported
+    as "waiting (left out)", their share of all samples."""
+    counts: dict[str, float] = {}
+    for line in collapsed.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        frames = stack.split(";")[::-1]
+        if CATEGORIES[0][1].search(frames[0]):
+            name = "waiting"
+        else:
+            name = next((label for frame in frames for label, pattern in CATEGORIES[1:] if pattern.search(frame)),
+                        "other")
+        counts[name] = counts.get(name, 0) + int(n)
+    waiting = counts.pop("waiting", 0)
+    busy = sum(counts.values())
+    if not busy:
+        return {}
+    shares = {k: v / busy for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+    return {**shares, "waiting (left out)": waiting / (busy + waiting)}
+
+
+@contextmanager
+def sampled(groups: dict[str, list[psutil.Process]], roles: list[str], seconds: float, out_dir: Path):
+    """py-spy (the dev extra) on the processes of `roles` for `seconds` (CPU samples only, not idle
+    ones); yields a dict filled on exit with each role's shares by CATEGORIES."""
+    import shutil
+    import subprocess
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    runs = []
+    for role in roles:
+        for proc in groups.get(role, []):
+            path = out_dir / f"py-spy-{role.replace(' ', '_')}-{proc.pid}.txt"
+            runs.append((role, path, subprocess.Popen(
+                [spy, "record", "--pid", str(proc.pid), "--duration", str(int(seconds)), "--rate", "200",
+                 "--format", "raw", "--nonblocking", "--output", str(path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    shares: dict[str, dict[str, float]] = {}
+    try:
+        yield shares
+    finally:
+        for role, path, run in runs:
+            try:
+                run.wait(seconds + 30)
+            except subprocess.TimeoutExpired:
+                run.kill()
+                run.wait()
+            if path.exists():
+                shares[role] = stack_shares(path.read_text())
+
+
+def run_point(args, endpoint: str, token: str | None, metrics_url: str, trainers: int, vocab: int,
+              groups: dict[str, list[psutil.Process]] | None = None, profile_roles: list[str] | None = None,
+              serve_logs: ServeLogs | None = None) -> dict:
     stop = threading.Event()
     measuring = threading.Event()
     latencies: list[float] = []
@@ -123,19 +309,39 @@ def run_point(args, endpoint: str, token: str | None, metrics_url: str, trainers
     for t in threads:
         t.start()
     time.sleep(args.warmup)
+    if serve_logs:
+        serve_logs.mark()
     before = batch_counters(metrics_url)
-    measuring.set()
-    started = time.perf_counter()
-    time.sleep(args.duration)
-    measuring.clear()
-    elapsed = time.perf_counter() - started
-    after = batch_counters(metrics_url)
+    cpu_before = cpu_seconds(groups or {})
+    load_before = os.getloadavg()[0]
+    profile: dict[str, dict[str, float]] = {}
+    with ExitStack() as spying:
+        if profile_roles and groups:
+            profile = spying.enter_context(sampled(groups, profile_roles, args.duration, Path(args.workdir or ".")))
+        measuring.set()
+        started = time.perf_counter()
+        time.sleep(args.duration)
+        measuring.clear()
+        elapsed = time.perf_counter() - started
+        cpu_after = cpu_seconds(groups or {})
+        after = batch_counters(metrics_url)
+        logged = serve_logs.since_mark() if serve_logs else None
     stop.set()
     for t in threads:
         t.join(120)
     forwards = after["adpa_batch_requests_count"] - before["adpa_batch_requests_count"]
     ordered = sorted(latencies)
-    return {
+    answered = max(len(latencies), 1)
+    point = {
+        "py_spy_shares": profile,
+        # CPU time per answered request of each process group over the timed window: what a request
+        # costs whatever else runs on the machine (throughput on shared cores is CPU / this).
+        "cpu_ms_per_request": {role: 1000 * (cpu_after[role] - cpu_before[role]) / answered for role in cpu_after},
+        "server_seconds_per_request": (after.get("adpa_request_seconds_sum", 0)
+                                       - before.get("adpa_request_seconds_sum", 0))
+        / max(after.get("adpa_request_seconds_count", 0) - before.get("adpa_request_seconds_count", 0), 1),
+        "latency_mean_ms": 1000 * statistics.fmean(ordered) if ordered else None,
+        "load_average": [load_before, os.getloadavg()[0]],
         "trainers": trainers,
         "requests": len(latencies),
         "errors": len(errors),
@@ -147,6 +353,10 @@ def run_point(args, endpoint: str, token: str | None, metrics_url: str, trainers
         "requests_per_forward": (after["adpa_batch_requests_sum"] - before["adpa_batch_requests_sum"]) / max(forwards, 1),
         "sequences_per_forward": (after["adpa_batch_sequences_sum"] - before["adpa_batch_sequences_sum"]) / max(forwards, 1),
     }
+    # One request at a time only: with several in flight, queueing at each hop makes the means of
+    # the different logs' windows not subtract.
+    point["hops_ms"] = hops(point, logged) if trainers == 1 and ordered else {}
+    return point
 
 
 def serve_args(args, batching: bool) -> list[str]:
@@ -167,19 +377,43 @@ def standalone(args, work: Path, teacher: Path, reference: Path, batching: bool)
         server = stack.enter_context(ServiceProcess(
             ["--role", "teacher", "--model", str(teacher), "--reference", target, "--beta", "0.1",
              *serve_args(args, batching)], env=env, log_path=work / "teacher.log"))
-        yield server.endpoint, None, f"http://127.0.0.1:{server.http_port}/metrics"
+        pids = [server.proc.pid] + ([ref.proc.pid] if args.reference == "separate" else [])
+        yield server.endpoint, None, f"http://127.0.0.1:{server.http_port}/metrics", pids
 
 
 @contextmanager
-def ray_cluster(work: Path):
+def serve_settings(plain: bool):
+    """The environment a local Ray starts with: `adpa serve --ray`'s (SERVE_ENV), or with `plain`
+    Serve's own defaults; restored after."""
+    from adpa.services.ray.launch import SERVE_ENV
+
+    saved = {name: os.environ.get(name) for name in SERVE_ENV}
+    for name, value in SERVE_ENV.items():
+        if plain:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def ray_cluster(work: Path, plain: bool = False):
     import ray
     from ray import serve
 
     from adpa.services.ray.app import GRPC_SERVICER_FUNCTIONS
 
     token = secrets.token_hex(16)
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=4,
-             _temp_dir=str(work / "ray"), runtime_env={"env_vars": {"ADPA_AUTH_TOKEN": token, "OMP_NUM_THREADS": "1"}})
+    with serve_settings(plain):  # read by Ray's processes as they start
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=4, _temp_dir=str(work / "ray"),
+                 runtime_env={"env_vars": {"ADPA_AUTH_TOKEN": token, "OMP_NUM_THREADS": "1"}})
     try:
         ports = {"grpc": free_port(), "http": free_port()}
         serve.start(http_options={"host": "127.0.0.1", "port": ports["http"]},
@@ -205,7 +439,7 @@ def ray_app(args, cluster, teacher: Path, reference: Path, batching: bool):
         **({"ray_gpus_per_replica": 0.5} if (args.device or "").startswith("cuda") else {}),
     }), name="adpa", route_prefix="/")
     try:
-        yield f"grpc://127.0.0.1:{ports['grpc']}", token, f"http://127.0.0.1:{ports['http']}/metrics"
+        yield f"grpc://127.0.0.1:{ports['grpc']}", token, f"http://127.0.0.1:{ports['http']}/metrics", []
     finally:
         serve.delete("adpa")
 
@@ -222,6 +456,19 @@ def print_table(doc: dict) -> None:
         table_line(f"{r['mode']:10} {r['batching']:8} {r['trainers']:8d} {r['positions_per_s']:9.0f} "
                    f"{r['latency_p50_ms']:8.1f} {r['latency_p99_ms']:8.1f} {r['requests_per_forward']:8.2f} "
                    f"{r['sequences_per_forward']:8.2f} {r['errors']:6d}")
+    table_line()
+    table_line("where a request's time goes (mean ms; the hops of `hops`) and the CPU it costs (ms per request):")
+    for r in doc["points"]:
+        split = ", ".join(f"{k} {v:.1f}" for k, v in r["hops_ms"].items()) or "(hops: 1 trainer only)"
+        cpu = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_ms_per_request"].items())
+        total = sum(r["cpu_ms_per_request"].values())
+        load = r["load_average"]
+        table_line(f"{r['mode']:10} {r['batching']:3} {r['trainers']:2d}: {split} | CPU {total:.1f} ({cpu}) | "
+                   f"load {load[0]:.1f}->{load[1]:.1f}")
+    for r in doc["points"]:
+        for role, shares in r.get("py_spy_shares", {}).items():
+            table_line(f"py-spy {r['mode']} {r['trainers']} trainers, {role}: "
+                       + ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()))
     for name, value in doc["summary"].items():
         table_line(f"{name}: {value:.2f}")
 
@@ -233,11 +480,12 @@ def summarize(points: list[dict]) -> dict[str, float]:
     for mode in sorted({p["mode"] for p in points}):
         if (mode, "on", most) in at and (mode, "off", most) in at:
             summary[f"{mode}: batching speed-up at {most} trainers"] = at[mode, "on", most] / at[mode, "off", most]
-    for batching in ("on", "off"):
-        for n in sorted({p["trainers"] for p in points}):
-            if ("ray", batching, n) in at and ("standalone", batching, n) in at:
-                summary[f"ray / standalone, batching {batching}, {n} trainers"] = (
-                    at["ray", batching, n] / at["standalone", batching, n])
+    for ray_mode in ("ray", "ray-plain"):
+        for batching in ("on", "off"):
+            for n in sorted({p["trainers"] for p in points}):
+                if (ray_mode, batching, n) in at and ("standalone", batching, n) in at:
+                    summary[f"{ray_mode} / standalone, batching {batching}, {n} trainers"] = (
+                        at[ray_mode, batching, n] / at["standalone", batching, n])
     return summary
 
 
@@ -246,7 +494,7 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     trainer_counts = [int(n) for n in args.trainers.split(",")]
     modes = args.modes.split(",")
-    unknown = set(modes) - {"standalone", "ray"} | set(args.batching.split(",")) - {"on", "off"}
+    unknown = set(modes) - {"standalone", "ray", "ray-plain"} | set(args.batching.split(",")) - {"on", "off"}
     if unknown:
         raise SystemExit(f"unknown --modes / --batching value(s): {sorted(unknown)}")
     points = []
@@ -267,14 +515,19 @@ def main(argv=None) -> int:
             vocab = 77
         for mode in modes:
             with ExitStack() as stack:
-                cluster = stack.enter_context(ray_cluster(work)) if mode == "ray" else None
+                on_ray = mode.startswith("ray")
+                cluster = stack.enter_context(ray_cluster(work, plain=mode == "ray-plain")) if on_ray else None
                 for batching in args.batching.split(","):
                     on = batching == "on"
-                    server = (ray_app(args, cluster, teacher, reference, on) if mode == "ray"
+                    server = (ray_app(args, cluster, teacher, reference, on) if on_ray
                               else standalone(args, work, teacher, reference, on))
-                    with server as (endpoint, token, metrics_url):
+                    with server as (endpoint, token, metrics_url, pids):
+                        logs = ServeLogs(work / "ray" / "session_latest" / "logs" / "serve") if on_ray else None
                         for n in trainer_counts:
-                            point = run_point(args, endpoint, token, metrics_url, n, vocab)
+                            roles = ((["serve proxy", "serve replica"] if on_ray else ["adpa serve"])
+                                     if args.py_spy and n == trainer_counts[0] else None)
+                            point = run_point(args, endpoint, token, metrics_url, n, vocab, process_groups(mode, pids),
+                                              roles, logs)
                             points.append({"mode": mode, "batching": batching, **point})
                             table_line(f"{mode} batching={batching} trainers={n}: {point['positions_per_s']:.0f} pos/s")
     doc = {"config": vars(args), "vocab_size": vocab, "cpus": os.cpu_count(), "torch": torch.__version__,

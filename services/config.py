@@ -104,6 +104,28 @@ class ServeConfig(AdpaSettings):
     )
     ray_replicas: int = Field(1, description="with ray: teacher replicas")
     ray_reference_replicas: int = Field(1, description="with ray: reference replicas (when the reference is a model)")
+    ray_autoscale: str | None = Field(
+        None, description="with ray: MIN:MAX teacher replicas, added and removed by Serve's autoscaler as trainers "
+        "come and go (instead of ray_replicas); e.g. 1:4"
+    )
+    ray_target_ongoing_requests: float | None = Field(
+        None, description="with ray_autoscale: the requests per replica (running or queued on it) that Serve scales "
+        "towards; default: half of max_inflight, so that a replica batches several callers' requests before another "
+        "is added, and a burst above the target still queues on a replica (and joins its batches) rather than in "
+        "the proxy"
+    )
+    ray_upscale_delay_s: float = Field(
+        10.0, description="with ray_autoscale: how long the load must stay above the target before a replica is "
+        "added (short: a new replica takes its model load time to be ready)"
+    )
+    ray_downscale_delay_s: float = Field(
+        300.0, description="with ray_autoscale: how long the load must stay below the target before a replica is "
+        "removed (long: a trainer pausing for evaluation or a checkpoint keeps its replica)"
+    )
+    ray_autoscale_metrics_s: float = Field(
+        10.0, description="with ray_autoscale: how often replicas and proxies report their requests to Serve's "
+        "controller; the load is averaged over 3 periods (10: Serve's own defaults, 10 s and 30 s)"
+    )
     ray_colocate_reference: bool = Field(
         False, description="with ray: load the reference model in every teacher replica (one forward each, no "
         "transfer) instead of running a reference deployment"
@@ -146,6 +168,16 @@ class ServeConfig(AdpaSettings):
         if self.ray_replicas < 1 or self.ray_reference_replicas < 1:
             raise ValueError(f"ray_replicas and ray_reference_replicas must be >= 1, got {self.ray_replicas}, "
                              f"{self.ray_reference_replicas}")
+        if self.ray_autoscale is not None:
+            low, high = self.ray_autoscale_range  # a malformed MIN:MAX is refused here, with the value
+            if not 1 <= low <= high:
+                raise ValueError(f"ray_autoscale {self.ray_autoscale!r}: expected MIN:MAX with 1 <= MIN <= MAX")
+            target = self.autoscale_target
+            if not 0 < target <= self.max_inflight:
+                raise ValueError(f"ray_target_ongoing_requests must be in (0, max_inflight={self.max_inflight}], got "
+                                 f"{target}: a replica holds at most max_inflight requests")
+        if min(self.ray_upscale_delay_s, self.ray_downscale_delay_s) < 0 or self.ray_autoscale_metrics_s <= 0:
+            raise ValueError("ray_upscale_delay_s and ray_downscale_delay_s must be >= 0, ray_autoscale_metrics_s > 0")
         return self
 
     def device_map_arg(self) -> str | dict[str, int | str] | None:
@@ -162,6 +194,24 @@ class ServeConfig(AdpaSettings):
     def max_memory_arg(self) -> dict[int | str, str] | None:
         """`max_memory` as from_pretrained takes it: {0: "70GiB", "cpu": "100GiB"} (GPU ids as ints)."""
         return parse_max_memory(self.max_memory) if self.max_memory else None
+
+    @property
+    def ray_autoscale_range(self) -> tuple[int, int]:
+        """`ray_autoscale` as (MIN, MAX) replicas; (ray_replicas, ray_replicas) when it is unset."""
+        if self.ray_autoscale is None:
+            return self.ray_replicas, self.ray_replicas
+        low, sep, high = self.ray_autoscale.partition(":")
+        try:
+            return int(low), int(high if sep else low)
+        except ValueError:
+            raise ValueError(f"ray_autoscale {self.ray_autoscale!r}: expected MIN:MAX, e.g. 1:4") from None
+
+    @property
+    def autoscale_target(self) -> float:
+        """Requests per replica Serve's autoscaler aims at (`ray_target_ongoing_requests` or its default)."""
+        if self.ray_target_ongoing_requests is not None:
+            return self.ray_target_ongoing_requests
+        return max(1.0, self.max_inflight / 2)
 
     @property
     def remote_reference(self) -> bool:

@@ -23,6 +23,7 @@ import yaml
 from adpa.client import TeacherClient
 from adpa.protocol import SupportSpec
 
+from .conftest import RAY_TOKEN
 from .test_concurrent_trainings import alone, assert_same_weights, records, student, train_concurrently  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +145,18 @@ def test_kuberay_manifest_runs_the_same_application():
     in_cluster = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert in_cluster["applications"] == serve_yaml["applications"]
     assert in_cluster["grpc_options"]["grpc_servicer_functions"] == serve_yaml["grpc_options"]["grpc_servicer_functions"]
+
+
+def test_kuberay_pods_start_ray_with_the_request_path_of_adpa_serve_ray():
+    from adpa.services.ray.launch import SERVE_ENV
+
+    cluster = yaml.safe_load((ROOT / "deploy/kuberay/rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, container["name"]
+    assert cluster["enableInTreeAutoscaling"]  # nodes for the replicas Serve's autoscaler adds
 
 
 def test_serve_yaml_is_a_valid_serve_config_of_this_application():
@@ -339,3 +352,96 @@ def test_three_trainings_at_once_on_ray_serve(tmp_path, student, records, ray_ap
     weights each reaches alone against the standalone teacher."""
     weights = train_concurrently(tmp_path, student, records, ray_app["endpoint"], ray_app["token"])
     assert_same_weights(weights, alone)
+
+
+# -- autoscaling: replicas follow the callers, and no request fails or runs twice ----------------
+
+
+def test_ray_autoscale_settings_become_serves_autoscaling_config():
+    from adpa.services.config import ServeConfig
+    from adpa.services.ray.app import autoscaling_config
+    from adpa.services.ray.placement import app_asks
+
+    base = {"role": "teacher", "model": "m", "reference": "r", "max_inflight": 32}
+    config = ServeConfig.load(**base, ray_autoscale="1:4")
+    assert autoscaling_config(config) == {
+        "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16.0,  # half of max_inflight
+        "upscale_delay_s": 10.0, "downscale_delay_s": 300.0, "metrics_interval_s": 10.0, "look_back_period_s": 30.0}
+    # The start-up check counts the replicas it starts with; the maximum only warns (nodes may be added).
+    assert [a.replicas for a in app_asks(config)] == [1, 1]
+    assert [a.replicas for a in app_asks(config, most=True)] == [4, 1]
+    for bad in ("4:1", "0:2", "1-4", "1:x"):
+        with pytest.raises(ValueError, match="ray_autoscale"):
+            ServeConfig.load(**base, ray_autoscale=bad)
+    for target in (33, 0):  # a replica never holds more than max_inflight
+        with pytest.raises(ValueError, match="max_inflight"):
+            ServeConfig.load(**base, ray_autoscale="1:4", ray_target_ongoing_requests=target)
+
+
+def _teacher_replicas() -> dict[str, int]:
+    from ray import serve
+
+    app = serve.status().applications.get("autoscale")
+    if app is None or "teacher" not in app.deployments:
+        return {}
+    return {str(getattr(k, "value", k)): v for k, v in app.deployments["teacher"].replica_states.items()}
+
+
+def _wait_for(condition, within_s: float, what: str) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < within_s, f"{what} not seen within {within_s} s: {_teacher_replicas()}"
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after_without_a_failure(
+        ray_serve, teacher_path, reference_path):
+    """Three callers raise the load over the target (1 request per replica): a second replica starts
+    and answers; two callers leave and it is removed while the third keeps calling; no call fails."""
+    from ray import serve
+
+    from adpa.services.ray.app import build_app
+
+    serve.run(build_app({
+        "model": str(teacher_path), "reference": str(reference_path), "torch_threads": 1,
+        "ray_colocate_reference": True, "ray_cpus_per_replica": 0.5, "ray_autoscale": "1:2",
+        "ray_target_ongoing_requests": 1, "ray_upscale_delay_s": 0.5, "ray_downscale_delay_s": 1.0,
+        "ray_autoscale_metrics_s": 0.25,
+    }), name="autoscale", route_prefix="/autoscale")
+    endpoint = f"grpc://127.0.0.1:{ray_serve['grpc']}?application=autoscale"
+    leave = [threading.Event() for _ in range(3)]
+    outcomes: list[tuple[int, str, str]] = []  # (caller, error or "", replica)
+
+    def caller(i: int) -> None:
+        # No retries: a request lost while a replica is added or removed shows as a failure.
+        with TeacherClient(endpoint, token=RAY_TOKEN, timeout=60, max_retries=0) as client:
+            while not leave[i].is_set():
+                try:
+                    answer = client.score(SEQUENCES, RANGES, signal="advantage", support=SUPPORTS["topk"])
+                    outcomes.append((i, "", answer.replica))
+                except Exception as err:  # noqa: BLE001 - every failure is reported by the assertion
+                    outcomes.append((i, repr(err), ""))
+
+    threads = [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        _wait_for(lambda: _teacher_replicas().get("RUNNING", 0) == 2, 60, "a second RUNNING replica")
+        answered_before = len(outcomes)
+        _wait_for(lambda: len({r for _, e, r in outcomes[answered_before:] if not e}) == 2, 20,
+                  "answers from both replicas")
+        leave[1].set()
+        leave[2].set()
+        _wait_for(lambda: _teacher_replicas() == {"RUNNING": 1}, 60, "back to one replica")
+        done = len(outcomes)
+        _wait_for(lambda: len(outcomes) > done + 3, 20, "answers after the removal")
+    finally:
+        for event in leave:
+            event.set()
+        for t in threads:
+            t.join(60)
+        serve.delete("autoscale")
+    failures = [o for o in outcomes if o[1]]
+    assert not failures, failures[:3]
+    assert len({r for _, _, r in outcomes}) == 2

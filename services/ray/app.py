@@ -20,6 +20,7 @@ replicas, autoscaling and resources are Serve's own per-deployment options (depl
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -35,6 +36,11 @@ from adpa.services.status import as_service_error, grpc_status
 from adpa.v1 import scoring_pb2 as pb
 
 logger = logging.getLogger(__name__)
+
+# autoscaling_config's metrics_interval_s is deprecated for environment variables that this Ray does
+# not read yet: it is still the one setting of how often the load is reported (each time Serve
+# validates the config, it would warn).
+warnings.filterwarnings("ignore", message="The `metrics_interval_s` field", category=DeprecationWarning)
 
 # Serve's gRPC proxy imports these to learn the services it serves (grpc_options in serve.yaml).
 GRPC_SERVICER_FUNCTIONS = [
@@ -122,8 +128,32 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             ray_actor_options={"num_cpus": config.ray_cpus_per_replica, "num_gpus": config.ray_gpus_per_replica},
         )
 
-    teacher = Teacher.options(**options(config.ray_replicas))
+    teacher_options = options(config.ray_replicas)
+    if config.ray_autoscale is not None:
+        teacher_options.pop("num_replicas")
+        teacher_options["autoscaling_config"] = autoscaling_config(config)
+    teacher = Teacher.options(**teacher_options)
     if config.remote_reference or config.ray_colocate_reference:  # no reference deployment
         return teacher.bind(args)
     reference_args = {**{k: v for k, v in args.items() if k != "reference"}, **overrides, "model": config.reference}
     return teacher.bind(args, Reference.options(**options(config.ray_reference_replicas)).bind(reference_args))
+
+
+def autoscaling_config(config: ServeConfig) -> dict[str, Any]:
+    """Serve's autoscaling_config of the teacher deployment from `ray_autoscale` and its companions.
+
+    The target counts requests running or queued on a replica; a replica's batches are made of the
+    requests it holds (at most max_ongoing_requests = max_inflight), so a target well under that
+    cap lets each replica batch several callers before another replica is added, instead of
+    spreading trainers one per replica where batching would have served them.
+    """
+    low, high = config.ray_autoscale_range
+    return {
+        "min_replicas": low,
+        "max_replicas": high,
+        "target_ongoing_requests": config.autoscale_target,
+        "upscale_delay_s": config.ray_upscale_delay_s,
+        "downscale_delay_s": config.ray_downscale_delay_s,
+        "metrics_interval_s": config.ray_autoscale_metrics_s,
+        "look_back_period_s": 3 * config.ray_autoscale_metrics_s,
+    }

@@ -1,7 +1,7 @@
 """`adpa serve --ray`: the Ray Serve application from the same settings as `adpa serve`.
 
     adpa serve --ray --role teacher --model runs/dpo --reference runs/sft --auth-token "$TOKEN" \\
-        --ray-replicas 2 --port 9000 --http-port 8000
+        --ray-replicas 2 --port 9000 --http-port 8000     # or --ray-autoscale 1:4: Serve adds and removes replicas
 
 Checks that the deployments fit the cluster (exit 2 naming the numbers, or `--ray-allow-degraded`:
 before starting a local Ray, whose resources are known, and again once joined), starts (or joins,
@@ -27,6 +27,23 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "adpa"
 SECRETS = ("auth_token", "reference_token")
+
+# Serve's request path for adpa's calls (docs/benchmarks.md, "Ray Serve's hops", measures it):
+# read by the proxies, the controller and the replicas as they start, so they go in the
+# environment of every Ray node (set here for a local Ray; deploy/kuberay sets them in its pods).
+SERVE_ENV = {
+    # The teacher's methods are async and run the forward on a scoring thread already: a second
+    # event loop on another thread for user code only adds a thread hop to each call.
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    # The router on the proxy's (and a replica's) own loop: no hand-off to a router loop per call.
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    # Proxy -> replica and teacher -> reference over gRPC, not Ray actor calls (which go through
+    # the object store and Ray's task bookkeeping for every request).
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    # Each access line once, to the replica's log file: not to stderr too, which Ray's log monitor
+    # reads and forwards.
+    "RAY_SERVE_LOG_TO_STDERR": "0",
+}
 
 
 def app_args(config: ServeConfig) -> dict:
@@ -95,6 +112,8 @@ def serve_on_ray(config: ServeConfig) -> int:
     # Serve's gRPC proxy takes its message limit from the environment of the Ray it runs in (2 GiB
     # by default): the same limit as `adpa serve`, for a local Ray this starts.
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(config.max_message_bytes))
+    for name, value in SERVE_ENV.items():  # an operator's own setting wins
+        os.environ.setdefault(name, value)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import ray
     from ray import serve
@@ -122,6 +141,9 @@ def serve_on_ray(config: ServeConfig) -> int:
             return 2
         if warning:
             logger.warning("serving degraded (--ray-allow-degraded): %s", warning)
+        elif config.ray_autoscale and (beyond := shortfall(app_asks(config, most=True), ray.cluster_resources())):
+            # Not refused: a cluster with Ray's autoscaler adds nodes for replicas that wait.
+            logger.warning("--ray-autoscale %s: at its maximum, %s", config.ray_autoscale, beyond)
         serve.start(
             http_options={"host": config.host, "port": config.http_port},
             grpc_options={"port": config.port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS},

@@ -22,11 +22,13 @@ class Ask:
     gpus: float
 
 
-def app_asks(config: ServeConfig) -> list[Ask]:
+def app_asks(config: ServeConfig, most: bool = False) -> list[Ask]:
     """The deployments `build_app` creates from `config` (no reference deployment when the reference
-    is remote or loaded in every teacher replica)."""
+    is remote or loaded in every teacher replica). With `ray_autoscale`, `most=False` counts the
+    teacher replicas it starts with (MIN), `most=True` those it may grow to (MAX)."""
     cpus, gpus = config.ray_cpus_per_replica, config.ray_gpus_per_replica
-    asks = [Ask("teacher", config.ray_replicas, cpus, gpus)]
+    low, high = config.ray_autoscale_range
+    asks = [Ask("teacher", high if most else low, cpus, gpus)]
     if not (config.remote_reference or config.ray_colocate_reference):
         asks.append(Ask("reference", config.ray_reference_replicas, cpus, gpus))
     return asks

@@ -6,6 +6,8 @@ metrics (its families named `adpa_reference_*`, served on the teacher's `/metric
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import time
 from typing import Any
@@ -72,19 +74,33 @@ class Reference:
                              weights=result.weights)
 
 
-class HandleReference:
-    """The `ReferenceModel` of a teacher replica: the reference deployment, through its handle."""
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
-    def __init__(self, handle: DeploymentHandle, info: ModelInfo, timeout_s: float = 600.0):
+
+class HandleReference:
+    """The `ReferenceModel` of a teacher replica: the reference deployment, through its handle.
+
+    The engine calls it from its scoring threads, but each call is made and awaited on the
+    replica's event loop: a blocking `.result()` needs Serve's router on a loop of its own
+    (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP), which SERVE_ENV turns off to save a hand-off per call.
+    """
+
+    def __init__(self, handle: DeploymentHandle, info: ModelInfo, loop: asyncio.AbstractEventLoop,
+                 timeout_s: float = 600.0):
         self.handle = handle
         self.fingerprint = info.model
         self._max_indices = info.limits.max_indices
+        self.loop = loop
         self.timeout_s = timeout_s
 
     @classmethod
     async def connect(cls, handle: DeploymentHandle) -> HandleReference:
-        """The handshake, awaited (a replica's constructor runs on its event loop)."""
-        return cls(handle, await handle.info.remote())
+        """The handshake, awaited on the replica's event loop (its constructor runs there)."""
+        return cls(handle, await handle.info.remote(), asyncio.get_running_loop())
 
     def _call(self, method: str, *args, timeout_s: float | None = None, deadline: float | None = None):
         """`deadline`: the caller's `time.monotonic()` instant; the call waits no longer than what is
@@ -94,9 +110,17 @@ class HandleReference:
             wait = min(wait, deadline - time.monotonic())
             if wait <= 0:
                 raise DeadlineExceeded(f"the request's deadline passed before the reference was asked ({method})")
+        if _running_loop() is self.loop:  # blocking here would stop the loop that must answer
+            raise Internal(f"reference {method} asked for from the replica's event loop; ask from a thread")
+
+        async def call():
+            return await getattr(self.handle, method).remote(*args)
+
+        future = asyncio.run_coroutine_threadsafe(call(), self.loop)
         try:
-            return getattr(self.handle, method).remote(*args).result(timeout_s=wait)
-        except TimeoutError:
+            return future.result(timeout=wait)
+        except concurrent.futures.TimeoutError:
+            future.cancel()  # the reference stops the work it no longer needs to answer
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded(f"the reference did not answer {method} within the request's deadline") from None
             raise Unavailable(f"reference deployment did not answer {method} in time") from None
