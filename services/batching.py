@@ -2,25 +2,31 @@
 
 Each request becomes a `Job` of sequences, forwarded as items: one sequence, or several that
 share a prefix (`prefix.py`). With batching on, one worker thread per engine packs items from
-every waiting job into micro-batches of at most `max_batch_tokens` padded tokens, taking them
-round-robin by caller (one item per caller per turn, longest first within a job),
-so a caller with a huge request cannot starve the small ones: its sequences are interleaved with
-theirs, a micro-batch at a time. The worker takes whatever is queued when it is free (more
-requests queue up while a forward runs); `wait_s` optionally holds a micro-batch that is not
-full a little longer so more requests can join it.
+every waiting job into micro-batches of at most `max_batch_tokens` padded tokens. Turns are
+weighted by tokens (a deficit round-robin whose quantum is one item): the next item is always
+the head of the waiting caller that has been served the fewest tokens so far (longest first
+within a job). A caller sending 64 long sequences per request and one sending 4 short ones get
+the same tokens per second while both wait, so a caller's share does not grow with the size of
+its requests, and a huge request cannot starve small ones: its sequences are interleaved with
+theirs, a micro-batch at a time. A caller that starts waiting again after a pause starts level
+with the least-served waiting caller: time away is not banked as credit. The worker takes
+whatever is queued when it is free (more requests queue up while a forward runs); `wait_s`
+optionally holds a micro-batch that is not full a little longer so more requests can join it.
 
 With batching off, each request's sequences are forwarded in the caller's thread, one request
 at a time (`max_batch_tokens` still bounds a micro-batch).
 
 A padded micro-batch computes a sequence's rows with other companions than it would have alone;
 with fp32 attention kernels that tile by the padded length, values can differ in the last bits
-(log-probs within ~4e-6 measured on CPU with SDPA attention). Sequences of equal length batch
-together bit-identically (the batch dimension does not change their arithmetic).
+(log-probs within ~4e-6 measured on CPU with SDPA attention), and matrix products may take other
+kernels for another number of rows. With `deterministic`, every micro-batch is one item (one
+sequence, or the sequences of one request that share a prefix): its arithmetic is then fixed
+by the request alone, so each answer is bit-identical to the same request sent alone, whatever
+else is queued, at the price of smaller forwards.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections import deque
@@ -77,6 +83,11 @@ class Item:
         # Cached: the planner reads it once per item, but tests and observers read it again.
         return max(len(self.job.sequences[b]) for b in self.indices)
 
+    @cached_property
+    def tokens(self) -> int:
+        """The tokens this item forwards (a shared prefix once): what a caller's share is counted in."""
+        return sum(len(self.job.sequences[b]) for b in self.indices) - self.prefix * (self.rows - 1)
+
 
 ForwardFn = Callable[[list[Item]], None]
 BatchObserver = Callable[[int, int, int], None]  # (jobs, sequences, padded tokens) of one micro-batch
@@ -121,12 +132,13 @@ def longest_first(job: Job) -> list[Item]:
     return sorted(items, key=lambda item: -item.width)
 
 
-def plan_micro_batches(items: list[Item], max_batch_tokens: int) -> Iterator[list[Item]]:
-    """Consecutive groups of `items` within max_batch_tokens padded tokens (a larger item alone)."""
+def plan_micro_batches(items: list[Item], max_batch_tokens: int, *, one_item: bool = False) -> Iterator[list[Item]]:
+    """Consecutive groups of `items` within max_batch_tokens padded tokens (a larger item alone);
+    with `one_item`, every item alone."""
     group: list[Item] = []
     size = GroupSize()
     for item in items:
-        if group and size.with_item(item) > max_batch_tokens:
+        if group and (one_item or size.with_item(item) > max_batch_tokens):
             yield group
             group, size = [], GroupSize()
         group.append(item)
@@ -136,21 +148,24 @@ def plan_micro_batches(items: list[Item], max_batch_tokens: int) -> Iterator[lis
 
 
 class Scheduler:
-    """Runs jobs through `forward(micro_batch)`, batching concurrent jobs when `batching` is on."""
+    """Runs jobs through `forward(micro_batch)`, batching concurrent jobs when `batching` is on;
+    with `deterministic`, every micro-batch holds one item (answers independent of companions)."""
 
     def __init__(
         self, forward: ForwardFn, *, max_batch_tokens: int, batching: bool = True, wait_s: float = 0.0,
-        name: str = "adpa-batcher", observer: BatchObserver | None = None,
+        name: str = "adpa-batcher", observer: BatchObserver | None = None, deterministic: bool = False,
     ):
         self.forward = forward
         self.max_batch_tokens = max_batch_tokens
         self.batching = batching
         self.wait_s = wait_s
         self.observer = observer
+        self.deterministic = deterministic
         self._lock = threading.Lock()  # one forward at a time when batching is off
         self._cond = threading.Condition()
         self._queues: dict[str, deque[Item]] = {}  # caller -> its waiting sequences
-        self._turn = itertools.count()
+        # caller -> tokens served while it waits (and while others wait after it left, if it is ahead)
+        self._served: dict[str, int] = {}
         self._worker: threading.Thread | None = None
         self._name = name
 
@@ -162,13 +177,17 @@ class Scheduler:
             return
         if not self.batching:
             with self._lock:
-                for group in plan_micro_batches(items, self.max_batch_tokens):
+                for group in plan_micro_batches(items, self.max_batch_tokens, one_item=self.deterministic):
                     if job.stopped():
                         raise Cancelled("request cancelled or past its deadline")
                     self._forward(group)
             return
         with self._cond:
-            self._queues.setdefault(job.caller, deque()).extend(items)
+            queue = self._queues.get(job.caller)
+            if not queue:  # (re)joins level with the least-served waiting caller, or stays ahead of it
+                self._served[job.caller] = max(self._served.get(job.caller, 0), self._least_served())
+                queue = self._queues.setdefault(job.caller, deque())
+            queue.extend(items)
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name=self._name, daemon=True)
                 self._worker.start()
@@ -190,7 +209,7 @@ class Scheduler:
             with self._cond:
                 while not any(self._queues.values()):
                     self._cond.wait()
-                if self.wait_s > 0:
+                if self.wait_s > 0 and not self.deterministic:  # one item per forward: no company to wait for
                     self._wait_for_company()
                 group = self._take_group()
             if not group:
@@ -226,31 +245,44 @@ class Scheduler:
                     return True
         return False
 
+    def _least_served(self) -> int:
+        """Tokens served to the least-served caller that is waiting (0 when none waits)."""
+        return min((self._served[c] for c, q in self._queues.items() if q), default=0)
+
     def _take_group(self) -> list[Item]:
-        """One micro-batch, one sequence per caller per turn, within max_batch_tokens padded tokens."""
-        callers = [c for c, q in self._queues.items() if q]
-        if not callers:
-            return []
-        start = next(self._turn) % len(callers)
-        order = callers[start:] + callers[:start]
+        """One micro-batch within max_batch_tokens padded tokens: item after item, the head of the
+        waiting caller served the fewest tokens (ties: the caller waiting longest), so callers get
+        equal tokens whatever the size of their items. O(callers) per item; callers are bounded by
+        the requests admitted at once."""
         group: list[Item] = []
         size = GroupSize()
         while True:
-            took = False
-            for caller in order:
-                queue = self._queues[caller]
+            waiting = []
+            for caller, queue in self._queues.items():
                 self._drop_stopped(queue)
-                if not queue:
-                    continue
-                if group and size.with_item(queue[0]) > self.max_batch_tokens:
-                    return group
-                group.append(queue.popleft())
-                size.add(group[-1])
-                took = True
-            if not took:
-                for caller in [c for c, q in self._queues.items() if not q]:
-                    del self._queues[caller]
-                return group
+                if queue:
+                    waiting.append(caller)
+            if not waiting:
+                break
+            caller = min(waiting, key=self._served.__getitem__)
+            item = self._queues[caller][0]
+            if group and (self.deterministic or size.with_item(item) > self.max_batch_tokens):
+                break
+            group.append(self._queues[caller].popleft())
+            size.add(item)
+            self._served[caller] += item.tokens
+        self._forget_idle()
+        return group
+
+    def _forget_idle(self) -> None:
+        """Drop callers that wait no more: their queues, and their counts when no more than the
+        least-served waiting caller's (they would rejoin level with it anyway), so the counts stay
+        as many as the callers that matter."""
+        for caller in [c for c, q in self._queues.items() if not q]:
+            del self._queues[caller]
+        floor = self._least_served() if self._queues else None
+        for caller in [c for c, n in self._served.items() if c not in self._queues and (floor is None or n <= floor)]:
+            del self._served[caller]
 
     def _drop_stopped(self, queue: deque[Item]) -> None:
         while queue and queue[0].job.stopped():

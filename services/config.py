@@ -65,6 +65,12 @@ class ServeConfig(AdpaSettings):
     batch_wait_ms: float = Field(
         0.0, description="with batching: how long a micro-batch that is not full waits for more requests to join"
     )
+    deterministic: bool = Field(
+        False, description="answers bit-identical to the same request sent alone, whatever other requests share the "
+        "server: each forward holds one sequence (or one request's sequences sharing a prefix), never other "
+        "requests' sequences; costs throughput under concurrent load (docs/operations.md). Set it on the reference "
+        "service too"
+    )
     logits_budget_mb: float = Field(
         64, description="largest fp32 [positions, vocab] block built at once, in MiB"
     )

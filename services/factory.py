@@ -45,6 +45,7 @@ def load_engine(
         batch_wait_s=config.batch_wait_ms / 1000,
         min_shared_prefix=config.min_shared_prefix,
         observer=observer,
+        deterministic=config.deterministic,
     )
 
 

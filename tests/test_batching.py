@@ -113,6 +113,93 @@ def test_a_cancelled_request_leaves_the_queue_and_the_others_are_served():
     assert all(caller != "gone" for group in forward.groups for caller, _ in group)
 
 
+class RecordingForward(GatedForward):
+    """GatedForward that also counts the tokens each caller was served, micro-batch by micro-batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens: list[dict[str, int]] = []  # per micro-batch: caller -> tokens
+
+    def __call__(self, group):
+        served: dict[str, int] = {}
+        for item in group:
+            served[item.job.caller] = served.get(item.job.caller, 0) + item.tokens
+        self.tokens.append(served)
+        super().__call__(group)
+
+
+def _queue_behind_a_gate(scheduler, forward, jobs) -> list[threading.Thread]:
+    """Start `jobs` while a first forward is held, so they all wait; returns the threads (released)."""
+    done, errors = [], []
+    threads = [_run_async(scheduler, _job([4], "first"), done, errors)]
+    assert forward.entered.wait(5)
+    threads += [_run_async(scheduler, job, done, errors) for job in jobs]
+    expected = 1 + sum(len(job.sequences) for job in jobs)
+    while sum(len(q) for q in scheduler._queues.values()) < expected - 1:
+        threading.Event().wait(0.01)
+    forward.release.set()
+    for t in threads:
+        t.join(10)
+    assert not errors and len(done) == 1 + len(jobs)
+    return threads
+
+
+def test_unequal_callers_get_equal_tokens_while_they_wait():
+    """One caller with long sequences beside seven with short ones: while all of them wait, each
+    has been served the same tokens to within one long sequence (turns one item each would give
+    the long caller 4x the others)."""
+    forward = RecordingForward()
+    scheduler = Scheduler(forward, max_batch_tokens=96)
+    jobs = [_job([32] * 64, "long")] + [_job([8] * 64, f"short{i}") for i in range(7)]
+    _queue_behind_a_gate(scheduler, forward, jobs)
+    served = dict.fromkeys(["long"] + [f"short{i}" for i in range(7)], 0)
+    for batch in forward.tokens[1:]:
+        for caller, tokens in batch.items():
+            served[caller] += tokens
+        if any(served[c] == 8 * 64 for c in served if c.startswith("short")):
+            break  # a short caller is done: the window where everyone waits is over
+    assert max(served.values()) - min(served.values()) <= 32, served
+    assert sum(len(g) for g in forward.groups) == 1 + 64 * 8
+
+
+def test_a_caller_back_from_a_pause_does_not_bank_credit():
+    """A caller that joins late starts level with the least-served waiting caller: it then shares
+    the forwards with the one that waited all along, instead of taking every forward to catch up."""
+    permits = threading.Semaphore(0)  # one per forward: the test decides how many run
+    tokens: list[dict[str, int]] = []
+
+    def forward(group):
+        permits.acquire(timeout=10)
+        tokens.append({})
+        for item in group:
+            tokens[-1][item.job.caller] = tokens[-1].get(item.job.caller, 0) + item.tokens
+
+    scheduler = Scheduler(forward, max_batch_tokens=16)
+    done, errors = [], []
+    threads = [_run_async(scheduler, _job([8] * 40, "early"), done, errors)]
+    for _ in range(10):  # "early" alone for 10 forwards of 2 sequences
+        permits.release()
+    while len(tokens) < 10:
+        threading.Event().wait(0.001)
+    threads.append(_run_async(scheduler, _job([8] * 10, "late"), done, errors))
+    while len(scheduler._queues.get("late", ())) < 10:
+        threading.Event().wait(0.001)
+    for _ in range(100):
+        permits.release()
+    for t in threads:
+        t.join(10)
+    assert not errors and sorted(done) == ["early", "late"]
+    # The 11th forward was taken before "late" came; from the 12th on, each forward is shared.
+    assert tokens[11:16] == [{"early": 8, "late": 8}] * 5, tokens
+
+
+def test_deterministic_scheduler_forwards_one_item_at_a_time():
+    forward = RecordingForward()
+    scheduler = Scheduler(forward, max_batch_tokens=1024, deterministic=True)
+    _queue_behind_a_gate(scheduler, forward, [_job([8, 30, 5], "a"), _job([12] * 3, "b")])
+    assert [len(g) for g in forward.groups] == [1] * 7
+
+
 # -- the real engine: answers with batching on equal the answers alone --------------------------
 
 
@@ -181,3 +268,31 @@ def test_mixed_lengths_batch_within_fp32_round_off(engines):
         assert got.logprobs.shape == want.logprobs.shape
         if want.indices is not None and got.weights is None:
             assert torch.equal(got.indices, want.indices)
+
+
+@pytest.fixture(scope="module")
+def deterministic_engine(teacher_path):
+    return ScoringEngine.from_pretrained(str(teacher_path), device="cpu", dtype="float32", deterministic=True)
+
+
+def test_deterministic_answers_equal_alone_bit_for_bit(deterministic_engine, engines):
+    """Mixed lengths, with a request whose sequences share a prefix: with `deterministic` every
+    answer is the lone answer bit for bit, where the default batching differs in the last bits."""
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(7, 77, (20,), generator=g)
+    shared = [torch.cat([prompt, torch.randint(7, 77, (n,), generator=g)]) for n in (6, 11)]
+    calls = _calls([[9, 30], [17], [5, 12, 40], [26], [3, 33]], seed=1)
+    calls.append((shared, [(1, len(s)) for s in shared], SupportSpec("topk", k=5)))
+    alone, batched = engines
+    for engine, lone, identical in ((deterministic_engine, deterministic_engine, True), (batched, alone, False)):
+        expected = [lone.score(*call) for call in calls]  # (`batched` alone would wait its 1 s per call)
+        results, batches = _concurrently(engine, calls)
+        if identical:
+            assert max(batches) == 1  # one request's item per forward
+        else:
+            assert max(batches) > 1
+        same = [torch.equal(got.logprobs, want.logprobs) for got, want in zip(results, expected)]
+        assert all(same) if identical else not all(same), same
+        for got, want in zip(results, expected):
+            if identical and want.indices is not None:
+                assert torch.equal(got.indices, want.indices)
