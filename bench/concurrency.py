@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2, help="transformer layers of the tiny models")
     p.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny models")
     p.add_argument("--batch-wait-ms", type=float, default=0.0, help="the servers' --batch-wait-ms when batching")
+    p.add_argument("--deterministic", action="store_true",
+                   help="the servers' --deterministic: one sequence per forward, answers independent of companions")
     p.add_argument("--reference", default="process", choices=["process", "separate"],
                    help="process: the reference in the teacher's process (standalone --reference PATH, Ray "
                    "ray_colocate_reference); separate: its own server / deployment")
@@ -150,8 +152,10 @@ def run_point(args, endpoint: str, token: str | None, metrics_url: str, trainers
 
 
 def serve_args(args, batching: bool) -> list[str]:
-    return ["--torch-threads", "1", "--max-inflight", "64", "--batching" if batching else "--no-batching",
-            "--batch-wait-ms", str(args.batch_wait_ms), *(["--device", args.device] if args.device else [])]
+    return ["--torch-threads", "1", "--max-inflight", str(getattr(args, "max_inflight", 64)),
+            "--batching" if batching else "--no-batching", "--batch-wait-ms", str(args.batch_wait_ms),
+            *(["--device", args.device] if args.device else []),
+            *(["--deterministic"] if getattr(args, "deterministic", False) else [])]
 
 
 @contextmanager
@@ -198,8 +202,9 @@ def ray_app(args, cluster, teacher: Path, reference: Path, batching: bool):
 
     ports, token = cluster
     serve.run(build_app({
-        "model": str(teacher), "reference": str(reference), "beta": 0.1, "torch_threads": 1, "max_inflight": 64,
-        "batching": batching, "batch_wait_ms": args.batch_wait_ms, "ray_cpus_per_replica": 0.5,
+        "model": str(teacher), "reference": str(reference), "beta": 0.1, "torch_threads": 1,
+        "max_inflight": getattr(args, "max_inflight", 64), "batching": batching, "batch_wait_ms": args.batch_wait_ms,
+        "deterministic": getattr(args, "deterministic", False), "ray_cpus_per_replica": 0.5,
         "ray_colocate_reference": args.reference == "process",
         **({"device": args.device} if args.device else {}),
         **({"ray_gpus_per_replica": 0.5} if (args.device or "").startswith("cuda") else {}),

@@ -5,13 +5,26 @@ share a prefix (`prefix.py`). With batching on, one worker thread per engine pac
 every waiting job into micro-batches of at most `max_batch_tokens` padded tokens. Turns are
 weighted by tokens (a deficit round-robin whose quantum is one item): the next item is always
 the head of the waiting caller that has been served the fewest tokens so far (longest first
-within a job). A caller sending 64 long sequences per request and one sending 4 short ones get
-the same tokens per second while both wait, so a caller's share does not grow with the size of
-its requests, and a huge request cannot starve small ones: its sequences are interleaved with
-theirs, a micro-batch at a time. A caller that starts waiting again after a pause starts level
-with the least-served waiting caller: time away is not banked as credit. The worker takes
-whatever is queued when it is free (more requests queue up while a forward runs); `wait_s`
-optionally holds a micro-batch that is not full a little longer so more requests can join it.
+within a job), so a caller's share does not grow with the size of its items or requests, and a
+huge request cannot starve small ones: its sequences are interleaved with theirs.
+
+Trainers wait for an answer before they send the next request, so a caller with small requests
+is away for a round trip after each answer; a scheduler that only looked at who is waiting would
+hand those gaps to a caller with a large backlog, in micro-batches as large as the budget, and the
+small caller's next request would then wait for them (measured: 50x the positions/s for one
+trainer sending 64 long sequences beside seven sending 4 short ones, 3x with the gaps filled one
+item at a time). So a caller counts as present while it waits, while its sequences are
+forwarded, and for `hold_s` after an answer if it came back within `hold_s` the time before (a
+trainer in a loop, as opposed to one that left or computes for long between requests). No caller
+is served beyond the tokens of the least-served present one: when every waiting caller is ahead
+of a present caller that is away, the worker waits for that caller's next request, `hold_s` at
+most (anticipatory scheduling: the device idles for a round trip rather than give the gap to a
+caller with a backlog). A caller that comes back (or a new one) starts level with the
+least-served present caller: time away is not banked as credit.
+
+The worker takes whatever is queued when it is free (more requests queue up while a forward
+runs); `wait_s` optionally holds a micro-batch that is not full a little longer so more requests
+can join it.
 
 With batching off, each request's sequences are forwarded in the caller's thread, one request
 at a time (`max_batch_tokens` still bounds a micro-batch).
@@ -154,6 +167,7 @@ class Scheduler:
     def __init__(
         self, forward: ForwardFn, *, max_batch_tokens: int, batching: bool = True, wait_s: float = 0.0,
         name: str = "adpa-batcher", observer: BatchObserver | None = None, deterministic: bool = False,
+        hold_s: float = 0.1,
     ):
         self.forward = forward
         self.max_batch_tokens = max_batch_tokens
@@ -161,11 +175,16 @@ class Scheduler:
         self.wait_s = wait_s
         self.observer = observer
         self.deterministic = deterministic
+        self.hold_s = hold_s
         self._lock = threading.Lock()  # one forward at a time when batching is off
         self._cond = threading.Condition()
         self._queues: dict[str, deque[Item]] = {}  # caller -> its waiting sequences
-        # caller -> tokens served while it waits (and while others wait after it left, if it is ahead)
+        # caller -> tokens served; kept while the caller is present (see the module's docstring), or
+        # while it is ahead of the least-served present caller (it would come back there anyway)
         self._served: dict[str, int] = {}
+        self._forwarding: dict[str, int] = {}  # caller -> its items in the running forward
+        self._answered: dict[str, float] = {}  # caller -> time.monotonic() its last forward ended
+        self._expected: dict[str, float] = {}  # caller -> how long after an answer it still counts as present
         self._worker: threading.Thread | None = None
         self._name = name
 
@@ -184,8 +203,16 @@ class Scheduler:
             return
         with self._cond:
             queue = self._queues.get(job.caller)
-            if not queue:  # (re)joins level with the least-served waiting caller, or stays ahead of it
-                self._served[job.caller] = max(self._served.get(job.caller, 0), self._least_served())
+            if not queue:
+                now = time.monotonic()
+                # Back while held for: it keeps its count. Otherwise (new, or back after hold_s) it starts
+                # level with the least-served present caller, or stays ahead of it.
+                if job.caller not in self._present(now):
+                    floor = self._least_present(now, but=job.caller)
+                    self._served[job.caller] = max(self._served.get(job.caller, 0), floor or 0)
+                if job.caller in self._answered and not self._forwarding.get(job.caller):
+                    away = now - self._answered[job.caller]
+                    self._expected[job.caller] = self.hold_s if away <= self.hold_s else 0.0
                 queue = self._queues.setdefault(job.caller, deque())
             queue.extend(items)
             if self._worker is None:
@@ -211,6 +238,8 @@ class Scheduler:
                     self._cond.wait()
                 if self.wait_s > 0 and not self.deterministic:  # one item per forward: no company to wait for
                     self._wait_for_company()
+                while (pause := self._held_back(time.monotonic())) is not None:
+                    self._cond.wait(pause)
                 group = self._take_group()
             if not group:
                 continue
@@ -221,6 +250,12 @@ class Scheduler:
                     job.error = job.error or err
                     job.done.set()
                 continue
+            finally:
+                with self._cond:
+                    now = time.monotonic()
+                    for item in group:
+                        self._answered[item.job.caller] = now
+                        self._forwarding[item.job.caller] -= 1
             for item in group:
                 item.job.pending -= 1
                 if item.job.pending == 0:
@@ -245,17 +280,35 @@ class Scheduler:
                     return True
         return False
 
-    def _least_served(self) -> int:
-        """Tokens served to the least-served caller that is waiting (0 when none waits)."""
-        return min((self._served[c] for c, q in self._queues.items() if q), default=0)
+    def _present(self, now: float) -> Iterator[str]:
+        """Callers waiting, being forwarded, or answered so recently that they are likely on their way back."""
+        for caller in self._served:
+            if (self._queues.get(caller) or self._forwarding.get(caller)
+                    or now - self._answered.get(caller, now) < self._expected.get(caller, 0.0)):
+                yield caller
+
+    def _least_present(self, now: float, but: str | None = None) -> int | None:
+        """Tokens served to the least-served present caller (other than `but`); None when none is."""
+        return min((self._served[c] for c in self._present(now) if c != but), default=None)
+
+    def _held_back(self, now: float) -> float | None:
+        """When every waiting caller is ahead of a present caller that is away (answered, its next
+        request expected): the seconds until the first of those is overdue; else None (go on)."""
+        least = min((self._served[c] for c, q in self._queues.items() if q), default=None)
+        if least is None:
+            return None
+        due = [self._answered.get(c, now) + self._expected.get(c, 0.0) - now for c in self._present(now)
+               if not self._queues.get(c) and self._served[c] < least]
+        return max(min(due), 0.0) if due else None
 
     def _take_group(self) -> list[Item]:
         """One micro-batch within max_batch_tokens padded tokens: item after item, the head of the
-        waiting caller served the fewest tokens (ties: the caller waiting longest), so callers get
-        equal tokens whatever the size of their items. O(callers) per item; callers are bounded by
-        the requests admitted at once."""
+        waiting caller served the fewest tokens (ties: the caller waiting longest), while it is not
+        ahead of the least-served present caller (beyond one item: `_held_back` let the first one go).
+        O(callers) per item; callers are bounded by the requests admitted at once."""
         group: list[Item] = []
         size = GroupSize()
+        now = time.monotonic()
         while True:
             waiting = []
             for caller, queue in self._queues.items():
@@ -266,23 +319,32 @@ class Scheduler:
                 break
             caller = min(waiting, key=self._served.__getitem__)
             item = self._queues[caller][0]
-            if group and (self.deterministic or size.with_item(item) > self.max_batch_tokens):
+            if group and (self.deterministic or size.with_item(item) > self.max_batch_tokens
+                          or self._served[caller] > self._least_present(now)):
                 break
             group.append(self._queues[caller].popleft())
             size.add(item)
             self._served[caller] += item.tokens
-        self._forget_idle()
+            self._forwarding[caller] = self._forwarding.get(caller, 0) + 1
+        self._forget_idle(now)
         return group
 
-    def _forget_idle(self) -> None:
-        """Drop callers that wait no more: their queues, and their counts when no more than the
-        least-served waiting caller's (they would rejoin level with it anyway), so the counts stay
-        as many as the callers that matter."""
+    def _forget_idle(self, now: float) -> None:
+        """Drop the queues of callers that wait no more, the counts of callers no longer present
+        that are not ahead of the least-served present one (they would come back level with it),
+        and answer times older than hold_s, so the bookkeeping stays as large as the callers that
+        matter."""
         for caller in [c for c, q in self._queues.items() if not q]:
             del self._queues[caller]
-        floor = self._least_served() if self._queues else None
-        for caller in [c for c, n in self._served.items() if c not in self._queues and (floor is None or n <= floor)]:
+        present = set(self._present(now))
+        floor = min((self._served[c] for c in present), default=None)
+        for caller in [c for c, n in self._served.items() if c not in present and (floor is None or n <= floor)]:
             del self._served[caller]
+            self._forwarding.pop(caller, None)
+        # When callers were last answered: kept hold_s (to measure how soon they come back), no longer.
+        for caller in [c for c, t in self._answered.items() if now - t > self.hold_s and c not in self._served]:
+            del self._answered[caller]
+            self._expected.pop(caller, None)
 
     def _drop_stopped(self, queue: deque[Item]) -> None:
         while queue and queue[0].job.stopped():

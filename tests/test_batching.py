@@ -63,10 +63,10 @@ def test_queued_requests_share_micro_batches_round_robin():
         t.join(10)
     assert not errors and sorted(done) == ["a", "b", "big", "first"]
     second = forward.groups[1]
-    # 64 padded tokens = 8 sequences of 8: the small callers' sequences are in the first shared
-    # micro-batch, interleaved with the big request's instead of waiting behind all of it.
-    assert len(second) == 8
-    assert sorted(c for c, _ in second).count("a") == 2 and sorted(c for c, _ in second).count("b") == 2
+    # Room for 8 sequences of 8: the small callers' sequences are in the first shared micro-batch,
+    # interleaved with the big request's instead of waiting behind all of it; the big one gets no
+    # more tokens than they do while their sequences are forwarded (they are still present).
+    assert [c for c, _ in second] == ["big", "a", "b"] * 2 + ["big"]
     assert sum(len(g) for g in forward.groups) == 1 + 20 + 2 + 2
 
 
@@ -191,6 +191,37 @@ def test_a_caller_back_from_a_pause_does_not_bank_credit():
     assert not errors and sorted(done) == ["early", "late"]
     # The 11th forward was taken before "late" came; from the 12th on, each forward is shared.
     assert tokens[11:16] == [{"early": 8, "late": 8}] * 5, tokens
+
+
+def test_a_trainer_in_a_loop_is_waited_for_not_overtaken():
+    """A caller with a backlog beside one that sends a small request as soon as the last is answered:
+    the worker waits out the small caller's round trip instead of giving it to the backlog, so both
+    get the same tokens (one item apart), not a micro-batch of the backlog per small request."""
+    tokens: list[dict[str, int]] = []
+
+    def forward(group):
+        threading.Event().wait(0.002)
+        tokens.append({})
+        for item in group:
+            tokens[-1][item.job.caller] = tokens[-1].get(item.job.caller, 0) + item.tokens
+
+    scheduler = Scheduler(forward, max_batch_tokens=1024, hold_s=1.0)
+    done, errors = [], []
+    threads = [_run_async(scheduler, _job([32] * 400, "backlog"), done, errors)]
+    for _ in range(8):  # round trips of 20 ms, ten times a forward
+        scheduler.run(_job([8] * 4, "loop"))
+        threading.Event().wait(0.02)
+    served_before = [dict(batch) for batch in tokens]
+    scheduler.run(_job([8] * 4, "loop"))
+    for t in threads:
+        t.join(20)
+    assert not errors and done == ["backlog"]
+    # From the second round trip on (the first one tells that the caller comes back), the backlog
+    # is held level with the looping caller.
+    second_request = [i for i, batch in enumerate(served_before) if batch.get("loop")][1]
+    window = served_before[second_request:]
+    backlog, loop = (sum(b.get(c, 0) for b in window) for c in ("backlog", "loop"))
+    assert loop == 7 * 32 and backlog <= loop + 32, (backlog, loop)
 
 
 def test_deterministic_scheduler_forwards_one_item_at_a_time():
