@@ -155,7 +155,8 @@ def serve_args(args, batching: bool) -> list[str]:
     return ["--torch-threads", "1", "--max-inflight", str(getattr(args, "max_inflight", 64)),
             "--batching" if batching else "--no-batching", "--batch-wait-ms", str(args.batch_wait_ms),
             *(["--device", args.device] if args.device else []),
-            *(["--deterministic"] if getattr(args, "deterministic", False) else [])]
+            *(["--deterministic"] if getattr(args, "deterministic", False) else []),
+            *(["--turn-hold-ms", str(args.turn_hold_ms)] if getattr(args, "turn_hold_ms", None) is not None else [])]
 
 
 @contextmanager
@@ -207,6 +208,7 @@ def ray_app(args, cluster, teacher: Path, reference: Path, batching: bool):
         "deterministic": getattr(args, "deterministic", False), "ray_cpus_per_replica": 0.5,
         "ray_colocate_reference": args.reference == "process",
         **({"device": args.device} if args.device else {}),
+        **({"turn_hold_ms": args.turn_hold_ms} if getattr(args, "turn_hold_ms", None) is not None else {}),
         **({"ray_gpus_per_replica": 0.5} if (args.device or "").startswith("cuda") else {}),
     }), name="adpa", route_prefix="/")
     try:

@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny models")
     p.add_argument("--batch-wait-ms", type=float, default=0.0, help="the servers' --batch-wait-ms")
     p.add_argument("--deterministic", action="store_true", help="the servers' --deterministic")
+    p.add_argument("--turn-hold-ms", type=float, help="the servers' --turn-hold-ms (default: theirs, 100): above "
+                   "the trainers' round trip, which a loaded machine stretches")
     p.add_argument("--device", help="the servers' device (default: theirs, auto)")
     p.add_argument("--workdir", help="where models and logs go (default: a temporary folder)")
     add_out(p)
@@ -135,7 +137,8 @@ def print_table(doc: dict) -> None:
     table_line(f"model {c['layers']}x{c['hidden']}, V={doc['vocab_size']}; trainer 0: {c['big_batch']} sequences of "
                f"{c['long_len']} tokens per request; trainers 1-{c['trainers'] - 1}: {c['small_batch']} of "
                f"{c['short_len']}; second half scored, ADVANTAGE top-{c['k']}; {c['window']:.0f} s window after "
-               f"{c['warmup']:.0f} s; {doc['cpus']} CPUs" + ("; --deterministic" if c["deterministic"] else ""))
+               f"{c['warmup']:.0f} s; {doc['cpus']} CPUs" + ("; --deterministic" if c["deterministic"] else "")
+               + (f"; --turn-hold-ms {c['turn_hold_ms']:g}" if c["turn_hold_ms"] is not None else ""))
     for run in doc["runs"]:
         table_line(f"{run['mode']}: load average {run['load_before'][0]:.1f} before, {run['load_after'][0]:.1f} after; "
                    f"{run['errors']} errors")
