@@ -53,19 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-len", type=int, default=16, help="shortest sequence (prompt + response)")
     p.add_argument("--max-len", type=int, default=48, help="longest sequence")
     p.add_argument("--k", type=int, default=8, help="top-k of the support")
-    p.add_argument("--layers", type=int, default=2, help="transformer layers of the tiny models")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny models")
     p.add_argument("--batch-wait-ms", type=float, default=0.0, help="the servers' --batch-wait-ms when batching")
     p.add_argument("--deterministic", action="store_true",
                    help="the servers' --deterministic: one sequence per forward, answers independent of companions")
     p.add_argument("--reference", default="process", choices=["process", "separate"],
                    help="process: the reference in the teacher's process (standalone --reference PATH, Ray "
                    "ray_colocate_reference); separate: its own server / deployment")
-    p.add_argument("--preset", help="teacher and reference shape of adpa.bench.presets (its vocabulary too) instead "
-                   "of --layers/--hidden; saved under --models-dir and reused")
-    p.add_argument("--device", help="the servers' device (default: theirs, auto); with cuda, each Ray replica "
-                   "reserves half a GPU")
-    p.add_argument("--models-dir", help="with --preset: where its checkpoints go (default: --workdir)")
+    add_model_args(p)
     p.add_argument("--workdir", help="where models and logs go (default: a temporary folder)")
     add_out(p)
     return p.parse_args(argv)
@@ -205,7 +199,7 @@ def ray_app(args, cluster, teacher: Path, reference: Path, batching: bool):
     serve.run(build_app({
         "model": str(teacher), "reference": str(reference), "beta": 0.1, "torch_threads": 1,
         "max_inflight": getattr(args, "max_inflight", 64), "batching": batching, "batch_wait_ms": args.batch_wait_ms,
-        "deterministic": getattr(args, "deterministic", False), "ray_cpus_per_replica": 0.5,
+        "ray_cpus_per_replica": 0.5, **({"deterministic": True} if getattr(args, "deterministic", False) else {}),
         "ray_colocate_reference": args.reference == "process",
         **({"device": args.device} if args.device else {}),
         **({"turn_hold_ms": args.turn_hold_ms} if getattr(args, "turn_hold_ms", None) is not None else {}),
@@ -248,6 +242,35 @@ def summarize(points: list[dict]) -> dict[str, float]:
     return summary
 
 
+def bench_models(args, work: Path, max_len: int) -> tuple[Path, Path, int]:
+    """The served benchmarks' teacher (seed 1) and reference (seed 2), and their vocabulary size:
+    `args.preset`'s shape saved under `args.models_dir` (reused), else tiny models of
+    `args.layers` x `args.hidden` under `work` for sequences up to `max_len` tokens."""
+    if args.preset:
+        from adpa.bench.presets import get_preset, saved_model
+
+        preset, models = get_preset(args.preset), Path(args.models_dir or work)
+        device = args.device or "cpu"  # where the random weights are made; the servers load them anyway
+        teacher = saved_model(preset, models, seed=1, device=device, dtype="auto")
+        reference = saved_model(preset, models, seed=2, device=device, dtype="auto")
+        return teacher, reference, preset.vocab
+    size = dict(layers=args.layers, hidden=args.hidden, max_seq_len=max(256, max_len))
+    teacher = make_tiny_model(work / "teacher", seed=1, **size)
+    reference = make_tiny_model(work / "reference", seed=2, **size)
+    return teacher, reference, 77
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags `bench_models` reads (and --device, where the servers run)."""
+    p.add_argument("--layers", type=int, default=2, help="transformer layers of the tiny models")
+    p.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny models")
+    p.add_argument("--preset", help="teacher and reference shape of adpa.bench.presets (its vocabulary too) instead "
+                   "of --layers/--hidden; saved under --models-dir and reused")
+    p.add_argument("--device", help="the servers' device (default: theirs, auto); with cuda, each Ray replica "
+                   "reserves half a GPU")
+    p.add_argument("--models-dir", help="with --preset: where its checkpoints go (default: --workdir)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()
@@ -259,19 +282,7 @@ def main(argv=None) -> int:
     points = []
     with tempfile.TemporaryDirectory(prefix="adpa-bench-") as tmp:
         work = Path(args.workdir or tmp)
-        if args.preset:
-            from adpa.bench.presets import get_preset, saved_model
-
-            preset, models = get_preset(args.preset), Path(args.models_dir or work)
-            device = args.device or "cpu"  # where the random weights are made; the servers load them anyway
-            teacher = saved_model(preset, models, seed=1, device=device, dtype="auto")
-            reference = saved_model(preset, models, seed=2, device=device, dtype="auto")
-            vocab = preset.vocab
-        else:
-            size = dict(layers=args.layers, hidden=args.hidden, max_seq_len=max(256, args.max_len))
-            teacher = make_tiny_model(work / "teacher", seed=1, **size)
-            reference = make_tiny_model(work / "reference", seed=2, **size)
-            vocab = 77
+        teacher, reference, vocab = bench_models(args, work, args.max_len)
         for mode in modes:
             with ExitStack() as stack:
                 cluster = stack.enter_context(ray_cluster(work)) if mode == "ray" else None

@@ -31,13 +31,10 @@ from types import SimpleNamespace
 import torch
 from transformers.utils import logging as hf_logging
 
-from adpa.bench.concurrency import run_point, standalone
+from adpa.bench.concurrency import add_model_args, bench_models, run_point, standalone
 from adpa.bench.report import add_out, benchmark_parser, emit, table_line
 from adpa.client import TeacherClient
 from adpa.protocol import ScoreResult, SupportSpec
-from adpa.tiny_model import make_tiny_model
-
-VOCAB = 77
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,21 +48,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=8, help="top-k of the support")
     p.add_argument("--trainers", type=int, default=8, help="closed-loop trainers of the steady throughput")
     p.add_argument("--duration", type=float, default=8.0, help="seconds of steady load")
-    p.add_argument("--layers", type=int, default=2, help="transformer layers of the tiny models")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny models")
-    p.add_argument("--device", help="the servers' device (default: theirs, auto)")
+    add_model_args(p)
     p.add_argument("--workdir", help="where models and logs go (default: a temporary folder)")
     add_out(p)
     return p.parse_args(argv)
 
 
-def make_requests(args) -> list[dict]:
+def make_requests(args, vocab: int) -> list[dict]:
     """Keyword arguments of TeacherClient.score: 4 sequences of mixed lengths each, all but the first token scored."""
     g = torch.Generator().manual_seed(7)
     out = []
     for _ in range(args.requests):
         lengths = torch.randint(args.min_len, args.max_len + 1, (4,), generator=g).tolist()
-        sequences = [torch.randint(7, VOCAB, (n,), generator=g).tolist() for n in lengths]
+        sequences = [torch.randint(7, vocab, (n,), generator=g).tolist() for n in lengths]
         out.append(dict(sequences=sequences, ranges=[(0, n - 1) for n in lengths], signal="advantage",
                         support=SupportSpec("topk", k=args.k), include_logprobs=True))
     return out
@@ -127,13 +122,11 @@ def main(argv=None) -> int:
     settings = args.settings.split(",")
     if set(settings) - {"default", "deterministic"}:
         raise SystemExit(f"unknown --settings value(s): {sorted(set(settings) - {'default', 'deterministic'})}")
-    requests = make_requests(args)
     runs = []
     with tempfile.TemporaryDirectory(prefix="adpa-bench-") as tmp:
         work = Path(args.workdir or tmp)
-        size = dict(layers=args.layers, hidden=args.hidden, max_seq_len=max(256, args.max_len))
-        teacher = make_tiny_model(work / "teacher", seed=1, **size)
-        reference = make_tiny_model(work / "reference", seed=2, **size)
+        teacher, reference, vocab = bench_models(args, work, args.max_len)
+        requests = make_requests(args, vocab)
         for setting in settings:
             server_args = SimpleNamespace(
                 reference="process", batch_wait_ms=0.0, device=args.device, max_inflight=args.capacity,
@@ -142,7 +135,7 @@ def main(argv=None) -> int:
             with standalone(server_args, work, teacher, reference, True) as (endpoint, _, metrics_url):
                 before = os.getloadavg()
                 result = burst(args, endpoint, requests)
-                steady = run_point(load, endpoint, None, metrics_url, args.trainers, VOCAB)
+                steady = run_point(load, endpoint, None, metrics_url, args.trainers, vocab)
             runs.append({"setting": setting, "load_before": before, "load_after": os.getloadavg(), "burst": result,
                          "steady": steady})
             table_line(f"{setting}: {result['differing']} of {result['answers']} answers differ")
@@ -155,8 +148,9 @@ def main(argv=None) -> int:
             f"steady positions/s at {args.trainers} trainers, deterministic / default":
                 by["deterministic"]["steady"]["positions_per_s"] / by["default"]["steady"]["positions_per_s"],
         }
-    doc = {"config": vars(args), "cpus": os.cpu_count(), "torch": torch.__version__, "runs": runs, "summary": summary}
-    table_line(f"model {args.layers}x{args.hidden}, V={VOCAB}; {args.requests} requests of 4 sequences of "
+    doc = {"config": vars(args), "vocab_size": vocab, "cpus": os.cpu_count(), "torch": torch.__version__, "runs": runs, "summary": summary}
+    model = f"preset {args.preset}" if args.preset else f"{args.layers}x{args.hidden}"
+    table_line(f"model {model}, V={vocab}; {args.requests} requests of 4 sequences of "
                f"{args.min_len}-{args.max_len} tokens, ADVANTAGE top-{args.k} with both log-probs; burst: "
                f"{4 * args.capacity} threads x {args.per_thread} on --max-inflight {args.capacity}; steady: "
                f"{args.trainers} trainers x {args.duration:.0f} s; {doc['cpus']} CPUs")

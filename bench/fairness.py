@@ -34,11 +34,10 @@ from types import SimpleNamespace
 import torch
 from transformers.utils import logging as hf_logging
 
-from adpa.bench.concurrency import ray_app, ray_cluster, requests_for, standalone
+from adpa.bench.concurrency import add_model_args, bench_models, ray_app, ray_cluster, requests_for, standalone
 from adpa.bench.report import add_out, benchmark_parser, emit, table_line
 from adpa.client import TeacherClient
 from adpa.protocol import SupportSpec
-from adpa.tiny_model import make_tiny_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,13 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window", type=float, default=30.0, help="seconds over which positions are counted")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of load before the window")
     p.add_argument("--k", type=int, default=8, help="top-k of the support")
-    p.add_argument("--layers", type=int, default=2, help="transformer layers of the tiny models")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny models")
     p.add_argument("--batch-wait-ms", type=float, default=0.0, help="the servers' --batch-wait-ms")
     p.add_argument("--deterministic", action="store_true", help="the servers' --deterministic")
     p.add_argument("--turn-hold-ms", type=float, help="the servers' --turn-hold-ms (default: theirs, 100): above "
                    "the trainers' round trip, which a loaded machine stretches")
-    p.add_argument("--device", help="the servers' device (default: theirs, auto)")
+    add_model_args(p)
     p.add_argument("--workdir", help="where models and logs go (default: a temporary folder)")
     add_out(p)
     args = p.parse_args(argv)
@@ -134,7 +131,8 @@ def run_trainers(args, endpoint: str, token: str | None, vocab: int) -> dict:
 
 def print_table(doc: dict) -> None:
     c = doc["config"]
-    table_line(f"model {c['layers']}x{c['hidden']}, V={doc['vocab_size']}; trainer 0: {c['big_batch']} sequences of "
+    model = f"preset {c['preset']}" if c.get("preset") else f"{c['layers']}x{c['hidden']}"
+    table_line(f"model {model}, V={doc['vocab_size']}; trainer 0: {c['big_batch']} sequences of "
                f"{c['long_len']} tokens per request; trainers 1-{c['trainers'] - 1}: {c['small_batch']} of "
                f"{c['short_len']}; second half scored, ADVANTAGE top-{c['k']}; {c['window']:.0f} s window after "
                f"{c['warmup']:.0f} s; {doc['cpus']} CPUs" + ("; --deterministic" if c["deterministic"] else "")
@@ -158,10 +156,7 @@ def main(argv=None) -> int:
     runs = []
     with tempfile.TemporaryDirectory(prefix="adpa-bench-") as tmp:
         work = Path(args.workdir or tmp)
-        size = dict(layers=args.layers, hidden=args.hidden, max_seq_len=max(256, *lengths(args.long_len)))
-        teacher = make_tiny_model(work / "teacher", seed=1, **size)
-        reference = make_tiny_model(work / "reference", seed=2, **size)
-        vocab = 77
+        teacher, reference, vocab = bench_models(args, work, max(*lengths(args.long_len), *lengths(args.short_len)))
         for mode in modes:
             with ExitStack() as stack:
                 if mode == "ray":
