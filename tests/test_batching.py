@@ -327,3 +327,16 @@ def test_deterministic_answers_equal_alone_bit_for_bit(deterministic_engine, eng
         for got, want in zip(results, expected):
             if identical and want.indices is not None:
                 assert torch.equal(got.indices, want.indices)
+
+
+def test_serve_settings_reach_the_schedulers(teacher_path, reference_path):
+    """`deterministic` and `turn_hold_ms` of ServeConfig reach the teacher's engine and its in-process
+    reference (which never holds turns: its requests come through the teacher's fair queue)."""
+    from adpa.services.config import ServeConfig
+    from adpa.services.factory import connect_reference, load_engine
+
+    config = ServeConfig(role="teacher", model=str(teacher_path), reference=str(reference_path), device="cpu",
+                         deterministic=True, turn_hold_ms=250)
+    teacher, reference = load_engine(config, config.model), connect_reference(config).engine
+    assert teacher.scheduler.deterministic and reference.scheduler.deterministic
+    assert teacher.scheduler.hold_s == 0.25 and reference.scheduler.hold_s == 0.0
