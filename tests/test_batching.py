@@ -224,6 +224,16 @@ def test_a_trainer_in_a_loop_is_waited_for_not_overtaken():
     assert loop == 7 * 32 and backlog <= loop + 32, (backlog, loop)
 
 
+def test_callers_that_left_are_forgotten():
+    """The scheduler's bookkeeping follows the callers present, not every caller ever seen."""
+    scheduler = Scheduler(lambda group: None, max_batch_tokens=64, hold_s=0.01)
+    for i in range(200):
+        scheduler.run(_job([8, 4], f"caller{i}"))
+    threading.Event().wait(0.05)
+    scheduler.run(_job([8], "last"))
+    assert len(scheduler._served) <= 2 and len(scheduler._answered) <= 2 and not scheduler._queues
+
+
 def test_deterministic_scheduler_forwards_one_item_at_a_time():
     forward = RecordingForward()
     scheduler = Scheduler(forward, max_batch_tokens=1024, deterministic=True)
