@@ -42,11 +42,10 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from adpa import codec
-from adpa.bench.concurrency import add_request_arguments, requests_for, serve_settings
+from adpa.bench.concurrency import add_model_args, add_request_arguments, bench_models, requests_for, serve_settings
 from adpa.bench.report import add_out, benchmark_parser, emit, table_line
 from adpa.protocol import ScoreQuery, SupportSpec
 from adpa.services.launch import free_port
-from adpa.tiny_model import make_tiny_model
 from adpa.v1 import scoring_pb2_grpc
 
 
@@ -65,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus-per-replica", type=float, default=0.5, help="ray_cpus_per_replica")
     p.add_argument("--poll", type=float, default=0.25, help="seconds between serve.status() samples")
     add_request_arguments(p)
+    add_model_args(p)
     p.add_argument("--workdir", help="where models and Ray's logs go (default: a temporary folder)")
     p.add_argument("--all-requests", action="store_true", help="keep every request's record in the JSON "
                    "(megabytes; by default, counts per trainer)")
@@ -268,9 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     token = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="adpa-as-", dir="/tmp") as tmp:
         work = Path(args.workdir or tmp)
-        size = dict(layers=args.layers, hidden=args.hidden, max_seq_len=max(256, args.max_len))
-        teacher = make_tiny_model(work / "teacher", seed=1, **size)
-        reference = make_tiny_model(work / "reference", seed=2, **size)
+        teacher, reference, vocab = bench_models(args, work, args.max_len)
         ray_dir = work / "ray"
         with serve_settings(plain=False):  # Serve's request path as `adpa serve --ray` starts it
             ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=args.cpus,
@@ -289,14 +287,14 @@ def main(argv: list[str] | None = None) -> int:
                 "max_inflight": 16, "ray_colocate_reference": True, "ray_cpus_per_replica": args.cpus_per_replica,
                 "ray_autoscale": args.autoscale, "ray_target_ongoing_requests": args.target,
                 "ray_upscale_delay_s": args.upscale_delay, "ray_downscale_delay_s": args.downscale_delay,
-                "ray_autoscale_metrics_s": args.metrics_period,
+                "ray_autoscale_metrics_s": args.metrics_period, **({"device": args.device} if args.device else {}),
             }), name="adpa", route_prefix="/")
             first_ready_s = time.monotonic() - deployed
             t0, wall_t0 = time.monotonic(), time.time()
             watcher = threading.Thread(target=watch_replicas, args=(stop, t0, args.poll, samples), daemon=True)
             watcher.start()
             threads = [threading.Thread(target=run_trainer, daemon=True, args=(
-                i, args, f"127.0.0.1:{port}", token, 77, t0, join, leave, recorder)) for i, (join, leave) in
+                i, args, f"127.0.0.1:{port}", token, vocab, t0, join, leave, recorder)) for i, (join, leave) in
                 enumerate(plan)]
             for t in threads:
                 t.start()

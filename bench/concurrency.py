@@ -54,13 +54,11 @@ from adpa.tiny_model import make_tiny_model
 
 
 def add_request_arguments(p: argparse.ArgumentParser) -> None:
-    """The shape of the trainers' requests (`requests_for`) and of the tiny models they go to."""
+    """The shape of the trainers' requests (`requests_for`)."""
     p.add_argument("--batch", type=int, default=4, help="sequences per request")
     p.add_argument("--min-len", type=int, default=16, help="shortest sequence (prompt + response)")
     p.add_argument("--max-len", type=int, default=48, help="longest sequence")
     p.add_argument("--k", type=int, default=8, help="top-k of the support")
-    p.add_argument("--layers", type=int, default=2, help="transformer layers of the tiny models")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny models")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,14 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of untimed load before each point")
     add_request_arguments(p)
     p.add_argument("--batch-wait-ms", type=float, default=0.0, help="the servers' --batch-wait-ms when batching")
+    p.add_argument("--deterministic", action="store_true",
+                   help="the servers' --deterministic: one sequence per forward, answers independent of companions")
     p.add_argument("--reference", default="process", choices=["process", "separate"],
                    help="process: the reference in the teacher's process (standalone --reference PATH, Ray "
                    "ray_colocate_reference); separate: its own server / deployment")
-    p.add_argument("--preset", help="teacher and reference shape of adpa.bench.presets (its vocabulary too) instead "
-                   "of --layers/--hidden; saved under --models-dir and reused")
-    p.add_argument("--device", help="the servers' device (default: theirs, auto); with cuda, each Ray replica "
-                   "reserves half a GPU")
-    p.add_argument("--models-dir", help="with --preset: where its checkpoints go (default: --workdir)")
+    add_model_args(p)
     p.add_argument("--workdir", help="where models and logs go (default: a temporary folder)")
     p.add_argument("--py-spy", action="store_true", help="sample the server (standalone), Serve's proxy and the "
                    "teacher replica (ray) with py-spy (the dev extra) at the first --trainers point; stacks "
@@ -360,8 +356,11 @@ def run_point(args, endpoint: str, token: str | None, metrics_url: str, trainers
 
 
 def serve_args(args, batching: bool) -> list[str]:
-    return ["--torch-threads", "1", "--max-inflight", "64", "--batching" if batching else "--no-batching",
-            "--batch-wait-ms", str(args.batch_wait_ms), *(["--device", args.device] if args.device else [])]
+    return ["--torch-threads", "1", "--max-inflight", str(getattr(args, "max_inflight", 64)),
+            "--batching" if batching else "--no-batching", "--batch-wait-ms", str(args.batch_wait_ms),
+            *(["--device", args.device] if args.device else []),
+            *(["--deterministic"] if getattr(args, "deterministic", False) else []),
+            *(["--turn-hold-ms", str(args.turn_hold_ms)] if getattr(args, "turn_hold_ms", None) is not None else [])]
 
 
 @contextmanager
@@ -432,10 +431,12 @@ def ray_app(args, cluster, teacher: Path, reference: Path, batching: bool):
 
     ports, token = cluster
     serve.run(build_app({
-        "model": str(teacher), "reference": str(reference), "beta": 0.1, "torch_threads": 1, "max_inflight": 64,
-        "batching": batching, "batch_wait_ms": args.batch_wait_ms, "ray_cpus_per_replica": 0.5,
+        "model": str(teacher), "reference": str(reference), "beta": 0.1, "torch_threads": 1,
+        "max_inflight": getattr(args, "max_inflight", 64), "batching": batching, "batch_wait_ms": args.batch_wait_ms,
+        "ray_cpus_per_replica": 0.5, **({"deterministic": True} if getattr(args, "deterministic", False) else {}),
         "ray_colocate_reference": args.reference == "process",
         **({"device": args.device} if args.device else {}),
+        **({"turn_hold_ms": args.turn_hold_ms} if getattr(args, "turn_hold_ms", None) is not None else {}),
         **({"ray_gpus_per_replica": 0.5} if (args.device or "").startswith("cuda") else {}),
     }), name="adpa", route_prefix="/")
     try:
@@ -489,6 +490,35 @@ def summarize(points: list[dict]) -> dict[str, float]:
     return summary
 
 
+def bench_models(args, work: Path, max_len: int) -> tuple[Path, Path, int]:
+    """The served benchmarks' teacher (seed 1) and reference (seed 2), and their vocabulary size:
+    `args.preset`'s shape saved under `args.models_dir` (reused), else tiny models of
+    `args.layers` x `args.hidden` under `work` for sequences up to `max_len` tokens."""
+    if args.preset:
+        from adpa.bench.presets import get_preset, saved_model
+
+        preset, models = get_preset(args.preset), Path(args.models_dir or work)
+        device = args.device or "cpu"  # where the random weights are made; the servers load them anyway
+        teacher = saved_model(preset, models, seed=1, device=device, dtype="auto")
+        reference = saved_model(preset, models, seed=2, device=device, dtype="auto")
+        return teacher, reference, preset.vocab
+    size = dict(layers=args.layers, hidden=args.hidden, max_seq_len=max(256, max_len))
+    teacher = make_tiny_model(work / "teacher", seed=1, **size)
+    reference = make_tiny_model(work / "reference", seed=2, **size)
+    return teacher, reference, 77
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags `bench_models` reads (and --device, where the servers run)."""
+    p.add_argument("--layers", type=int, default=2, help="transformer layers of the tiny models")
+    p.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny models")
+    p.add_argument("--preset", help="teacher and reference shape of adpa.bench.presets (its vocabulary too) instead "
+                   "of --layers/--hidden; saved under --models-dir and reused")
+    p.add_argument("--device", help="the servers' device (default: theirs, auto); with cuda, each Ray replica "
+                   "reserves half a GPU")
+    p.add_argument("--models-dir", help="with --preset: where its checkpoints go (default: --workdir)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()
@@ -500,19 +530,7 @@ def main(argv=None) -> int:
     points = []
     with tempfile.TemporaryDirectory(prefix="adpa-bench-") as tmp:
         work = Path(args.workdir or tmp)
-        if args.preset:
-            from adpa.bench.presets import get_preset, saved_model
-
-            preset, models = get_preset(args.preset), Path(args.models_dir or work)
-            device = args.device or "cpu"  # where the random weights are made; the servers load them anyway
-            teacher = saved_model(preset, models, seed=1, device=device, dtype="auto")
-            reference = saved_model(preset, models, seed=2, device=device, dtype="auto")
-            vocab = preset.vocab
-        else:
-            size = dict(layers=args.layers, hidden=args.hidden, max_seq_len=max(256, args.max_len))
-            teacher = make_tiny_model(work / "teacher", seed=1, **size)
-            reference = make_tiny_model(work / "reference", seed=2, **size)
-            vocab = 77
+        teacher, reference, vocab = bench_models(args, work, args.max_len)
         for mode in modes:
             with ExitStack() as stack:
                 on_ray = mode.startswith("ray")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU suite: wire, serving (FLOP/s and MFU), memory, step overhead and concurrency on one GPU,
-# in under 8 minutes, JSON per part into one folder.
+# The GPU suite: wire, serving (FLOP/s and MFU), memory, step overhead, concurrency, fairness and the
+# deterministic mode on one GPU, in under 10 minutes, JSON per part into one folder.
 #
 #   bench/gpu_suite.sh --peak-tflops 989 OUT_DIR      # one GPU (989: bf16 dense peak of an H100/H200 SXM)
 #   bench/gpu_suite.sh --smoke OUT_DIR                # CPU, tiny preset, tiny durations (tests/test_bench.py)
@@ -11,9 +11,9 @@
 #   --smoke           CPU run of every part with the tiny preset (checks the plumbing; no number means anything)
 #   --dry-run         print the GPU run's commands and timeouts without checking for a GPU or running them
 #   --parts LIST      comma-separated subset of: serving_8b wire serving_1b memory overhead concurrency
-#                     concurrency_ray device_map
+#                     concurrency_ray device_map fairness deterministic
 #   --models DIR      checkpoint cache for the saved 1B-like pair (default: $TMPDIR/adpa-bench-models; ~6 GB)
-#   --budget-s S      wall-clock budget for the whole suite (default 450): each part's timeout is cut to what
+#   --budget-s S      wall-clock budget for the whole suite (default 570): each part's timeout is cut to what
 #                     is left, and a part that would start with under 30 s left is skipped
 # Environment: PYTHON (default: .venv/bin/python if there, else python3).
 #
@@ -30,7 +30,11 @@
 #                                     installed; a part of its own, so a Ray that hangs costs only its timeout)
 #   device_map   ~40 s  (timeout  90) one model over 2 GPUs (device_map=auto, GPU 0 capped) against the same
 #                                     model on one GPU: dense fp32 log-probs and top-k ids (skipped with < 2 GPUs)
-# Total ~7.4 min; the budget stops the suite before 8. Output: OUT_DIR/<part>.json, OUT_DIR/<part>.log (the table and any error) and
+#   fairness     ~50 s  (timeout 120) 8 trainers, one with 64 long sequences per request, seven with 4 short:
+#                                     per-trainer positions/s and max/min, `adpa serve` (1B-like)
+#   deterministic ~60 s (timeout 150) a 4x burst: answers differing from the lone answers, default and
+#                                     --deterministic, and the mode's throughput ratio (1B-like)
+# Total ~9.3 min; the budget stops the suite before 10. Output: OUT_DIR/<part>.json, OUT_DIR/<part>.log (the table and any error) and
 # OUT_DIR/suite.json (machine, versions, each part's command, exit status and seconds). The script exits 1
 # if a part failed, timed out or was skipped for want of time, 2 if it cannot start. --smoke runs every part
 # but concurrency_ray.
@@ -39,7 +43,8 @@ set -euo pipefail
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 die() { echo "gpu_suite: $*" >&2; exit 2; }
 
-SMOKE=0 DRY=0 PEAK="" PARTS="serving_8b,wire,serving_1b,memory,overhead,concurrency,concurrency_ray,device_map" BUDGET=450
+SMOKE=0 DRY=0 PEAK="" BUDGET=570
+PARTS="serving_8b,wire,serving_1b,memory,overhead,concurrency,concurrency_ray,device_map,fairness,deterministic"
 MODELS="${TMPDIR:-/tmp}/adpa-bench-models" OUT=""
 while (($#)); do
   case "$1" in
@@ -57,7 +62,7 @@ while (($#)); do
 done
 [[ -n "$OUT" ]] || { usage >&2; die "OUT_DIR is required"; }
 for part in ${PARTS//,/ }; do
-  case "$part" in serving_8b|wire|serving_1b|memory|overhead|concurrency|concurrency_ray|device_map) ;;
+  case "$part" in serving_8b|wire|serving_1b|memory|overhead|concurrency|concurrency_ray|device_map|fairness|deterministic) ;;
     *) die "unknown part $part" ;; esac
 done
 
@@ -178,6 +183,10 @@ if ((SMOKE)); then
     --steps 2 --batch-size 2 --repeats 1 --out "$OUT/overhead.json"
   run_part concurrency 120 "${BENCH[@]}" concurrency --preset "$BIG" --device "$DEVICE" --models-dir "$MODELS" \
     --modes standalone --batching on --trainers 2 --duration 0.5 --warmup 0.2 --out "$OUT/concurrency.json"
+  run_part fairness 120 "${BENCH[@]}" fairness --preset "$BIG" --device "$DEVICE" --models-dir "$MODELS" \
+    --modes standalone --trainers 3 --big-batch 4 --window 1 --warmup 0.5 --out "$OUT/fairness.json"
+  run_part deterministic 120 "${BENCH[@]}" deterministic --preset "$BIG" --device "$DEVICE" --models-dir "$MODELS" \
+    --capacity 1 --requests 2 --per-thread 1 --max-len 64 --trainers 2 --duration 0.5 --out "$OUT/deterministic.json"
 else
   # Requests of 8-16 sequences of 1024 tokens with the last 512 scored: a prompt and a response.
   run_part serving_8b 200 "${BENCH[@]}" serving --preset "$HUGE" --device "$DEVICE" --dtype "$DTYPE" --skip-grpc \
@@ -207,6 +216,12 @@ else
   else
     skip_part device_map "needs 2 GPUs, $PY sees $GPUS"
   fi
+  # Last: the scheduler's turns between unequal trainers, and what batch-invariant answers cost where
+  # batching pays (a GPU); the answers' differences are in the JSON.
+  run_part fairness 120 "${BENCH[@]}" fairness --preset "$BIG" --device "$DEVICE" --models-dir "$MODELS" \
+    --modes standalone --long-len 768-1024 --short-len 192-256 --window 20 --warmup 3 --out "$OUT/fairness.json"
+  run_part deterministic 150 "${BENCH[@]}" deterministic --preset "$BIG" --device "$DEVICE" --models-dir "$MODELS" \
+    --max-len 1024 --duration 5 --out "$OUT/deterministic.json"
 fi
 
 if ((DRY)); then rm -f "$OUT/.parts.tsv"; exit 0; fi

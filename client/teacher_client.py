@@ -51,7 +51,10 @@ logger = logging.getLogger(__name__)
 
 # A restarted server is reconnected within this (gRPC's default backoff grows to 120 s).
 CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
-                   ("grpc.max_reconnect_backoff_ms", 5000)]
+                   ("grpc.max_reconnect_backoff_ms", 5000),
+                   # A connection of its own: channels to one target otherwise share one in a process, and the
+                   # server, which takes turns by connection, would see every client of the process as one caller.
+                   ("grpc.use_local_subchannel_pool", 1)]
 
 
 @dataclass(frozen=True)

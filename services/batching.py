@@ -2,25 +2,44 @@
 
 Each request becomes a `Job` of sequences, forwarded as items: one sequence, or several that
 share a prefix (`prefix.py`). With batching on, one worker thread per engine packs items from
-every waiting job into micro-batches of at most `max_batch_tokens` padded tokens, taking them
-round-robin by caller (one item per caller per turn, longest first within a job),
-so a caller with a huge request cannot starve the small ones: its sequences are interleaved with
-theirs, a micro-batch at a time. The worker takes whatever is queued when it is free (more
-requests queue up while a forward runs); `wait_s` optionally holds a micro-batch that is not
-full a little longer so more requests can join it.
+every waiting job into micro-batches of at most `max_batch_tokens` padded tokens. Turns are
+weighted by tokens (a deficit round-robin whose quantum is one item): the next item is always
+the head of the waiting caller that has been served the fewest tokens so far (longest first
+within a job), so a caller's share does not grow with the size of its items or requests, and a
+huge request cannot starve small ones: its sequences are interleaved with theirs.
+
+Trainers wait for an answer before they send the next request, so a caller with small requests
+is away for a round trip after each answer; a scheduler that only looked at who is waiting would
+hand those gaps to a caller with a large backlog, in micro-batches as large as the budget, and the
+small caller's next request would then wait for them (measured: 50x the positions/s for one
+trainer sending 64 long sequences beside seven sending 4 short ones, 3x with the gaps filled one
+item at a time). So a caller counts as present while it waits, while its sequences are
+forwarded, and for `hold_s` after an answer if it came back within `hold_s` the time before (a
+trainer in a loop, as opposed to one that left or computes for long between requests). No caller
+is served beyond the tokens of the least-served present one: when every waiting caller is ahead
+of a present caller that is away, the worker waits for that caller's next request, `hold_s` at
+most (anticipatory scheduling: the device idles for a round trip rather than give the gap to a
+caller with a backlog). A caller that comes back (or a new one) starts level with the
+least-served present caller: time away is not banked as credit.
+
+The worker takes whatever is queued when it is free (more requests queue up while a forward
+runs); `wait_s` optionally holds a micro-batch that is not full a little longer so more requests
+can join it.
 
 With batching off, each request's sequences are forwarded in the caller's thread, one request
 at a time (`max_batch_tokens` still bounds a micro-batch).
 
 A padded micro-batch computes a sequence's rows with other companions than it would have alone;
 with fp32 attention kernels that tile by the padded length, values can differ in the last bits
-(log-probs within ~4e-6 measured on CPU with SDPA attention). Sequences of equal length batch
-together bit-identically (the batch dimension does not change their arithmetic).
+(log-probs within ~4e-6 measured on CPU with SDPA attention), and matrix products may take other
+kernels for another number of rows. With `deterministic`, every micro-batch is one item (one
+sequence, or the sequences of one request that share a prefix): its arithmetic is then fixed
+by the request alone, so each answer is bit-identical to the same request sent alone, whatever
+else is queued, at the price of smaller forwards.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections import deque
@@ -77,6 +96,11 @@ class Item:
         # Cached: the planner reads it once per item, but tests and observers read it again.
         return max(len(self.job.sequences[b]) for b in self.indices)
 
+    @cached_property
+    def tokens(self) -> int:
+        """The tokens this item forwards (a shared prefix once): what a caller's share is counted in."""
+        return sum(len(self.job.sequences[b]) for b in self.indices) - self.prefix * (self.rows - 1)
+
 
 ForwardFn = Callable[[list[Item]], None]
 BatchObserver = Callable[[int, int, int], None]  # (jobs, sequences, padded tokens) of one micro-batch
@@ -121,12 +145,13 @@ def longest_first(job: Job) -> list[Item]:
     return sorted(items, key=lambda item: -item.width)
 
 
-def plan_micro_batches(items: list[Item], max_batch_tokens: int) -> Iterator[list[Item]]:
-    """Consecutive groups of `items` within max_batch_tokens padded tokens (a larger item alone)."""
+def plan_micro_batches(items: list[Item], max_batch_tokens: int, *, one_item: bool = False) -> Iterator[list[Item]]:
+    """Consecutive groups of `items` within max_batch_tokens padded tokens (a larger item alone);
+    with `one_item`, every item alone."""
     group: list[Item] = []
     size = GroupSize()
     for item in items:
-        if group and size.with_item(item) > max_batch_tokens:
+        if group and (one_item or size.with_item(item) > max_batch_tokens):
             yield group
             group, size = [], GroupSize()
         group.append(item)
@@ -136,21 +161,30 @@ def plan_micro_batches(items: list[Item], max_batch_tokens: int) -> Iterator[lis
 
 
 class Scheduler:
-    """Runs jobs through `forward(micro_batch)`, batching concurrent jobs when `batching` is on."""
+    """Runs jobs through `forward(micro_batch)`, batching concurrent jobs when `batching` is on;
+    with `deterministic`, every micro-batch holds one item (answers independent of companions)."""
 
     def __init__(
         self, forward: ForwardFn, *, max_batch_tokens: int, batching: bool = True, wait_s: float = 0.0,
-        name: str = "adpa-batcher", observer: BatchObserver | None = None,
+        name: str = "adpa-batcher", observer: BatchObserver | None = None, deterministic: bool = False,
+        hold_s: float = 0.1,
     ):
         self.forward = forward
         self.max_batch_tokens = max_batch_tokens
         self.batching = batching
         self.wait_s = wait_s
         self.observer = observer
+        self.deterministic = deterministic
+        self.hold_s = hold_s
         self._lock = threading.Lock()  # one forward at a time when batching is off
         self._cond = threading.Condition()
         self._queues: dict[str, deque[Item]] = {}  # caller -> its waiting sequences
-        self._turn = itertools.count()
+        # caller -> tokens served; kept while the caller is present (see the module's docstring), or
+        # while it is ahead of the least-served present caller (it would come back there anyway)
+        self._served: dict[str, int] = {}
+        self._forwarding: dict[str, int] = {}  # caller -> its items in the running forward
+        self._answered: dict[str, float] = {}  # caller -> time.monotonic() its last forward ended
+        self._expected: dict[str, float] = {}  # caller -> how long after an answer it still counts as present
         self._worker: threading.Thread | None = None
         self._name = name
 
@@ -162,13 +196,25 @@ class Scheduler:
             return
         if not self.batching:
             with self._lock:
-                for group in plan_micro_batches(items, self.max_batch_tokens):
+                for group in plan_micro_batches(items, self.max_batch_tokens, one_item=self.deterministic):
                     if job.stopped():
                         raise Cancelled("request cancelled or past its deadline")
                     self._forward(group)
             return
         with self._cond:
-            self._queues.setdefault(job.caller, deque()).extend(items)
+            queue = self._queues.get(job.caller)
+            if not queue:
+                now = time.monotonic()
+                # Back while held for: it keeps its count. Otherwise (new, or back after hold_s) it starts
+                # level with the least-served present caller, or stays ahead of it.
+                if job.caller not in self._present(now):
+                    floor = self._least_present(now, but=job.caller)
+                    self._served[job.caller] = max(self._served.get(job.caller, 0), floor or 0)
+                if job.caller in self._answered and not self._forwarding.get(job.caller):
+                    away = now - self._answered[job.caller]
+                    self._expected[job.caller] = self.hold_s if away <= self.hold_s else 0.0
+                queue = self._queues.setdefault(job.caller, deque())
+            queue.extend(items)
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name=self._name, daemon=True)
                 self._worker.start()
@@ -190,8 +236,10 @@ class Scheduler:
             with self._cond:
                 while not any(self._queues.values()):
                     self._cond.wait()
-                if self.wait_s > 0:
+                if self.wait_s > 0 and not self.deterministic:  # one item per forward: no company to wait for
                     self._wait_for_company()
+                while (pause := self._held_back(time.monotonic())) is not None:
+                    self._cond.wait(pause)
                 group = self._take_group()
             if not group:
                 continue
@@ -202,6 +250,12 @@ class Scheduler:
                     job.error = job.error or err
                     job.done.set()
                 continue
+            finally:
+                with self._cond:
+                    now = time.monotonic()
+                    for item in group:
+                        self._answered[item.job.caller] = now
+                        self._forwarding[item.job.caller] -= 1
             for item in group:
                 item.job.pending -= 1
                 if item.job.pending == 0:
@@ -226,31 +280,71 @@ class Scheduler:
                     return True
         return False
 
+    def _present(self, now: float) -> Iterator[str]:
+        """Callers waiting, being forwarded, or answered so recently that they are likely on their way back."""
+        for caller in self._served:
+            if (self._queues.get(caller) or self._forwarding.get(caller)
+                    or now - self._answered.get(caller, now) < self._expected.get(caller, 0.0)):
+                yield caller
+
+    def _least_present(self, now: float, but: str | None = None) -> int | None:
+        """Tokens served to the least-served present caller (other than `but`); None when none is."""
+        return min((self._served[c] for c in self._present(now) if c != but), default=None)
+
+    def _held_back(self, now: float) -> float | None:
+        """When every waiting caller is ahead of a present caller that is away (answered, its next
+        request expected): the seconds until the first of those is overdue; else None (go on)."""
+        least = min((self._served[c] for c, q in self._queues.items() if q), default=None)
+        if least is None:
+            return None
+        due = [self._answered.get(c, now) + self._expected.get(c, 0.0) - now for c in self._present(now)
+               if not self._queues.get(c) and self._served[c] < least]
+        return max(min(due), 0.0) if due else None
+
     def _take_group(self) -> list[Item]:
-        """One micro-batch, one sequence per caller per turn, within max_batch_tokens padded tokens."""
-        callers = [c for c, q in self._queues.items() if q]
-        if not callers:
-            return []
-        start = next(self._turn) % len(callers)
-        order = callers[start:] + callers[:start]
+        """One micro-batch within max_batch_tokens padded tokens: item after item, the head of the
+        waiting caller served the fewest tokens (ties: the caller waiting longest), while it is not
+        ahead of the least-served present caller (beyond one item: `_held_back` let the first one go).
+        O(callers) per item; callers are bounded by the requests admitted at once."""
         group: list[Item] = []
         size = GroupSize()
+        now = time.monotonic()
         while True:
-            took = False
-            for caller in order:
-                queue = self._queues[caller]
+            waiting = []
+            for caller, queue in self._queues.items():
                 self._drop_stopped(queue)
-                if not queue:
-                    continue
-                if group and size.with_item(queue[0]) > self.max_batch_tokens:
-                    return group
-                group.append(queue.popleft())
-                size.add(group[-1])
-                took = True
-            if not took:
-                for caller in [c for c, q in self._queues.items() if not q]:
-                    del self._queues[caller]
-                return group
+                if queue:
+                    waiting.append(caller)
+            if not waiting:
+                break
+            caller = min(waiting, key=self._served.__getitem__)
+            item = self._queues[caller][0]
+            if group and (self.deterministic or size.with_item(item) > self.max_batch_tokens
+                          or self._served[caller] > self._least_present(now)):
+                break
+            group.append(self._queues[caller].popleft())
+            size.add(item)
+            self._served[caller] += item.tokens
+            self._forwarding[caller] = self._forwarding.get(caller, 0) + 1
+        self._forget_idle(now)
+        return group
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop the queues of callers that wait no more, the counts of callers no longer present
+        that are not ahead of the least-served present one (they would come back level with it),
+        and answer times older than hold_s, so the bookkeeping stays as large as the callers that
+        matter."""
+        for caller in [c for c, q in self._queues.items() if not q]:
+            del self._queues[caller]
+        present = set(self._present(now))
+        floor = min((self._served[c] for c in present), default=None)
+        for caller in [c for c, n in self._served.items() if c not in present and (floor is None or n <= floor)]:
+            del self._served[caller]
+            self._forwarding.pop(caller, None)
+        # When callers were last answered: kept hold_s (to measure how soon they come back), no longer.
+        for caller in [c for c, t in self._answered.items() if now - t > self.hold_s and c not in self._served]:
+            del self._answered[caller]
+            self._expected.pop(caller, None)
 
     def _drop_stopped(self, queue: deque[Item]) -> None:
         while queue and queue[0].job.stopped():

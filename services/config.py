@@ -65,6 +65,18 @@ class ServeConfig(AdpaSettings):
     batch_wait_ms: float = Field(
         0.0, description="with batching: how long a micro-batch that is not full waits for more requests to join"
     )
+    turn_hold_ms: float = Field(
+        100.0, description="with batching: how long after an answer a caller that came back that quickly the last "
+        "time (a trainer in a loop) keeps its turn: callers served more tokens wait for its next request rather "
+        "than take its share of the device meanwhile; 0 = never wait (then a caller's share shrinks with its "
+        "round trip). Set it above the trainers' round trip, below their compute between requests"
+    )
+    deterministic: bool = Field(
+        False, description="answers bit-identical to the same request sent alone, whatever other requests share the "
+        "server: each forward holds one sequence (or one request's sequences sharing a prefix), never other "
+        "requests' sequences; costs throughput under concurrent load (docs/operations.md). Set it on the reference "
+        "service too"
+    )
     logits_budget_mb: float = Field(
         64, description="largest fp32 [positions, vocab] block built at once, in MiB"
     )
@@ -159,8 +171,9 @@ class ServeConfig(AdpaSettings):
         if self.receive_timeout_s <= 0 or self.http_max_body_mb <= 0:
             raise ValueError(f"receive_timeout_s and http_max_body_mb must be > 0, got {self.receive_timeout_s}, "
                              f"{self.http_max_body_mb}")
-        if self.batch_wait_ms < 0:
-            raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        if self.batch_wait_ms < 0 or self.turn_hold_ms < 0:
+            raise ValueError(f"batch_wait_ms and turn_hold_ms must be >= 0, got {self.batch_wait_ms}, "
+                             f"{self.turn_hold_ms}")
         self.device_map_arg()  # a bad map or memory spec is refused at start, with the value in the message
         self.max_memory_arg()
         if self.max_memory and not self.device_map:

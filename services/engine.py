@@ -61,8 +61,13 @@ class ScoringEngine:
         batch_wait_s: float = 0.0,
         min_shared_prefix: int = 16,
         observer: BatchObserver | None = None,
+        deterministic: bool = False,
+        hold_s: float = 0.1,
     ):
-        """`observer` is told about every forward micro-batch (the server's metrics)."""
+        """`observer` is told about every forward micro-batch (the server's metrics); `deterministic`
+        forwards one item (a sequence, or a request's sequences sharing a prefix) at a time, so an
+        answer is bit-identical to the same request's alone, whatever was queued with it; `hold_s`:
+        the longest a caller that was just answered holds others back (`batching.py`; 0: never)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         # Inputs go where the input embeddings are: with a device map the model spans devices, and
@@ -91,7 +96,8 @@ class ScoringEngine:
         self.min_shared_prefix = min_shared_prefix if min_shared_prefix and self._prefix_cache_matches() else 0
         self.scheduler = Scheduler(
             self._forward, max_batch_tokens=max_batch_tokens, batching=batching, wait_s=batch_wait_s,
-            name=f"adpa-batcher-{name}", observer=observer,
+            name=f"adpa-batcher-{name}", observer=observer, deterministic=deterministic,
+            hold_s=hold_s,
         )
 
     @classmethod

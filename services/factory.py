@@ -24,10 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 def load_engine(
-    config: ServeConfig, model: str, served_name: str | None = None, observer: BatchObserver | None = None
+    config: ServeConfig, model: str, served_name: str | None = None, observer: BatchObserver | None = None,
+    *, hold_turns: bool = True,
 ) -> ScoringEngine:
     """One model of `config` as a scoring engine, with the config's device, dtype and budgets;
-    `observer` is told about its forward micro-batches."""
+    `observer` is told about its forward micro-batches; `hold_turns` False: turn_hold_ms is 0."""
     return ScoringEngine.from_pretrained(
         model,
         served_name=served_name,
@@ -45,6 +46,8 @@ def load_engine(
         batch_wait_s=config.batch_wait_ms / 1000,
         min_shared_prefix=config.min_shared_prefix,
         observer=observer,
+        deterministic=config.deterministic,
+        hold_s=config.turn_hold_ms / 1000 if hold_turns else 0.0,
     )
 
 
@@ -56,7 +59,10 @@ def connect_reference(config: ServeConfig) -> ReferenceModel:
         token = config.reference_token.get_secret_value() if config.reference_token else None
         return RemoteReference.connect(config.reference, token=token, max_message_bytes=config.max_message_bytes)
     logger.info("loading reference model %s in process", config.reference)
-    return LocalReference(load_engine(config, config.reference, config.reference_served_model_name))
+    # No holding back in the reference: a request reaches it after the teacher's engine, whose turns are
+    # already fair; a caller that is away from the reference is in the teacher's queue, not at its trainer.
+    return LocalReference(load_engine(config, config.reference, config.reference_served_model_name,
+                                      hold_turns=False))
 
 
 def build_service(

@@ -21,7 +21,7 @@ from .conftest import children_unmeasured
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "bench" / "gpu_suite.sh"
-SUITE_PARTS = ("serving_8b", "wire", "serving_1b", "memory", "overhead", "concurrency")
+SUITE_PARTS = ("serving_8b", "wire", "serving_1b", "memory", "overhead", "concurrency", "fairness", "deterministic")
 
 
 def test_bench_help_lists_every_benchmark_with_its_description(capsys):
@@ -246,6 +246,8 @@ SMOKE_CHECKS = {
     "memory": lambda doc: bool(doc["points"]),
     "overhead": lambda doc: set(doc["step_seconds"]) == {"in_process", "grpc_prefetch_0", "grpc_prefetch_2"},
     "concurrency": lambda doc: doc["points"][0]["errors"] == 0,
+    "fairness": lambda doc: doc["runs"][0]["errors"] == 0 and doc["runs"][0]["max_over_min"] >= 1,
+    "deterministic": lambda doc: [r["burst"]["differing"] for r in doc["runs"]][1] == 0,
 }
 
 
