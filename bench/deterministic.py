@@ -132,7 +132,7 @@ def main(argv=None) -> int:
                 reference="process", batch_wait_ms=0.0, device=args.device, max_inflight=args.capacity,
                 deterministic=setting == "deterministic")
             load = SimpleNamespace(batch=4, min_len=16, max_len=48, k=args.k, warmup=1.0, duration=args.duration)
-            with standalone(server_args, work, teacher, reference, True) as (endpoint, _, metrics_url):
+            with standalone(server_args, work, teacher, reference, True) as (endpoint, _, metrics_url, _pids):
                 before = os.getloadavg()
                 result = burst(args, endpoint, requests)
                 steady = run_point(load, endpoint, None, metrics_url, args.trainers, vocab)

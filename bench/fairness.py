@@ -163,7 +163,7 @@ def main(argv=None) -> int:
                     server = ray_app(args, stack.enter_context(ray_cluster(work)), teacher, reference, True)
                 else:
                     server = standalone(args, work, teacher, reference, True)
-                endpoint, token, _ = stack.enter_context(server)
+                endpoint, token, _, _ = stack.enter_context(server)
                 before = os.getloadavg()
                 run = run_trainers(args, endpoint, token, vocab)
                 runs.append({"mode": mode, "load_before": before, "load_after": os.getloadavg(), **run})
