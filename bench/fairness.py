@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=8, help="top-k of the support")
     p.add_argument("--batch-wait-ms", type=float, default=0.0, help="the servers' --batch-wait-ms")
     p.add_argument("--deterministic", action="store_true", help="the servers' --deterministic")
-    p.add_argument("--turn-hold-ms", type=float, help="the servers' --turn-hold-ms (default: theirs, 100): above "
+    p.add_argument("--turn-hold-ms", type=float, help="the servers' --turn-hold-ms (default: theirs, 0): above "
                    "the trainers' round trip, which a loaded machine stretches")
     add_model_args(p)
     p.add_argument("--workdir", help="where models and logs go (default: a temporary folder)")

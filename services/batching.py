@@ -167,7 +167,7 @@ class Scheduler:
     def __init__(
         self, forward: ForwardFn, *, max_batch_tokens: int, batching: bool = True, wait_s: float = 0.0,
         name: str = "adpa-batcher", observer: BatchObserver | None = None, deterministic: bool = False,
-        hold_s: float = 0.1,
+        hold_s: float = 0.0,
     ):
         self.forward = forward
         self.max_batch_tokens = max_batch_tokens

@@ -66,10 +66,12 @@ class ServeConfig(AdpaSettings):
         0.0, description="with batching: how long a micro-batch that is not full waits for more requests to join"
     )
     turn_hold_ms: float = Field(
-        100.0, description="with batching: how long after an answer a caller that came back that quickly the last "
+        0.0, description="with batching: how long after an answer a caller that came back that quickly the last "
         "time (a trainer in a loop) keeps its turn: callers served more tokens wait for its next request rather "
-        "than take its share of the device meanwhile; 0 = never wait (then a caller's share shrinks with its "
-        "round trip). Set it above the trainers' round trip, below their compute between requests"
+        "than take its share of the device meanwhile, e.g. 500 for equal shares between unequal trainers; set it "
+        "above the trainers' round trip, below their compute between requests. 0 (default) = never wait: the "
+        "device never idles and a request's micro-batches depend only on what is queued, but a caller's share "
+        "shrinks with its round trip (docs/operations.md)"
     )
     deterministic: bool = Field(
         False, description="answers bit-identical to the same request sent alone, whatever other requests share the "

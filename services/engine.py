@@ -62,7 +62,7 @@ class ScoringEngine:
         min_shared_prefix: int = 16,
         observer: BatchObserver | None = None,
         deterministic: bool = False,
-        hold_s: float = 0.1,
+        hold_s: float = 0.0,
     ):
         """`observer` is told about every forward micro-batch (the server's metrics); `deterministic`
         forwards one item (a sequence, or a request's sequences sharing a prefix) at a time, so an
