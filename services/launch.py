@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,8 +20,24 @@ import grpc
 from adpa.v1 import scoring_pb2, scoring_pb2_grpc
 
 
+# Between choosing a port and a server binding it, the port must not be taken. The kernel hands out
+# 32768-60999 (Linux's ip_local_port_range) to every outgoing connection, and Ray's workers listen on
+# 10002-19999: a port from between them is taken meanwhile only by another explicit bind.
+_QUIET_PORTS = range(20000, 32768)
+_RANDOM = random.SystemRandom()  # not the seeded module state: processes seeded alike would pick alike
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A loopback TCP port free now, from a range nothing takes without asking for it by number."""
+    for _ in range(64):
+        port = _RANDOM.choice(_QUIET_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # the range is full: any port the kernel gives
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
