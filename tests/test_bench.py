@@ -252,7 +252,7 @@ SMOKE_CHECKS = {
 
 
 # The parts whose servers run only code that the suite's own servers cover (see children_unmeasured).
-SERVERS_MEASURED_ELSEWHERE = ("serving_1b", "overhead", "concurrency")
+SERVERS_MEASURED_ELSEWHERE = ("serving_1b", "overhead", "concurrency", "fairness", "deterministic")
 
 
 @pytest.mark.slow
