@@ -259,8 +259,10 @@ def run_research(configs: list[DemoConfig], workdir: str | Path, *, worlds: int 
     workdir = Path(workdir)
     started, load_before, source = time.perf_counter(), loadavg(), source_state()
     results: dict = {"command": command, "load_before": load_before, "worlds": {}}
+    # Every kind's tuning worlds first, then the test worlds round-robin over kinds (test world r of every
+    # kind before r + 1), so that a run cut short has the same number of worlds in every kind.
+    plan = {}
     for config in configs:
-        n_worlds, n_seeds = worlds or config.worlds, seeds or config.seeds
         if not config.tuning_worlds:
             raise ValueError(f"{config.name}: research runs choose settings on tuning worlds; set tuning_worlds >= 1")
         folder = workdir / _slug(config.name)
@@ -272,11 +274,15 @@ def run_research(configs: list[DemoConfig], workdir: str | Path, *, worlds: int 
         for name, method in config.methods.items():  # derived rows take their source's choice
             if method.settings_from:
                 settings[name] = settings[method.settings_from]
-        records = []
-        for r in range(n_worlds):
-            logger.info("%s: test world %d of %d, %d seed(s)", config.name, r + 1, n_worlds, n_seeds)
-            records.append(run_replicate(config, folder / f"world-{r}", config.tuning_worlds + r, n_seeds, settings))
-        results["worlds"][config.name] = analyse(config, records, tuning)
+        plan[config.name] = (config, folder, tuning, settings, worlds or config.worlds, seeds or config.seeds, [])
+    for r in range(max(p[4] for p in plan.values())):
+        for config, folder, _, settings, n_worlds, n_seeds, records in plan.values():
+            if r < n_worlds:
+                logger.info("%s: test world %d of %d, %d seed(s)", config.name, r + 1, n_worlds, n_seeds)
+                records.append(run_replicate(config, folder / f"world-{r}", config.tuning_worlds + r, n_seeds,
+                                             settings))
+    for name, (config, _, tuning, _, _, _, records) in plan.items():
+        results["worlds"][name] = analyse(config, records, tuning)
     results["primary"] = decide_primary(results["worlds"])
     results["preregistration"] = {name: w["config"]["primary"] for name, w in results["worlds"].items()}
     results["seconds"] = round(time.perf_counter() - started, 1)

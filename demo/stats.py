@@ -16,6 +16,7 @@ mean difference has the interval's sign is reported beside it.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -167,6 +168,7 @@ def t_two_sided_p(t: float, df: int) -> float:
     return regularized_beta(df / 2.0, 0.5, df / (df + t * t))
 
 
+@functools.lru_cache(maxsize=None)
 def t_quantile(q: float, df: int) -> float:
     """The q-quantile (q > 0.5) of Student's t, by bisection on the two-sided tail: P(|T| >= t) = 2(1 - q)."""
     low, high = 0.0, 1e3
