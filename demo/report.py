@@ -217,16 +217,14 @@ def research_markdown(results: dict) -> str:
              "", *_primary_table(results), "",
              "![per-world paired differences of the primary claims](results.png)", "",
              "Each dot is one test world's mean difference; the bar is the mean over worlds with its 95% "
-             "t-interval. The verdicts, and what they show, are summed up at the end.", "",
-             *_how_to_read(results), "## Exploratory (no correction; not the claims above)", "",
+             "t-interval.", "", "### Verdicts", "", *_verdict_summary(results), "",
+             *_scope(results), *_how_to_read(results), "## Exploratory (no correction; not the claims above)", "",
              "The paper's other orderings and the primary claims under the other decoding, each with its "
              "prompt-level bootstrap interval (worlds, seeds and prompts resampled; bold when it excludes 0) and "
              "the uncorrected world-level t-test p. Read them as descriptions, not decisions.", "",
              *_claims_table(results, questions=False), "", *_claims_table(results, questions=True), ""]
     for name, world in worlds.items():
         lines += _world_section(name, world)
-    lines += ["## Closing note", "", "Each primary claim, its verdict per world kind:", "", *_verdict_summary(results),
-              "", *_scope(results)]
     return "\n".join(lines)
 
 
@@ -235,13 +233,9 @@ def _scope(results: dict) -> list[str]:
     before the run."""
     verdicts = [e["verdict"] for e in results["primary"]]
     counted = ", ".join(f"{verdicts.count(v)} {v}" for v in ("holds", "reversed", "undecided"))
-    habits = [f"In `{name}`, the share of sampled responses with the filler habit: "
-              + ", ".join(f"{row_name} {row['habit_sampled']:.2f}" for row_name, row in world["methods"].items()
-                          if row_name != "Student (untrained)") + "."
-              for name, world in results["worlds"].items() if world["config"]["world"]["reward"].get("filler")]
     return [
-        "What this shows and what it does not:", "",
-        f"Of the {len(verdicts)} primary tests: {counted}.", "", *[line for h in habits for line in (h, "")],
+        "### What this shows and what it does not", "",
+        f"Of the {len(verdicts)} primary tests: {counted}.", "",
         "It shows, for tiny transformers on synthetic list tasks with a known reward, whether each ordering "
         "survives world-to-world variation (data, teachers and SFT student redrawn) after a fixed, equal tuning "
         "budget and a correction for testing five claims in several world kinds. It does not show anything about "
