@@ -206,13 +206,14 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         description="Build the built-in preference world, train the SFT and DPO teachers and the SFT student,\n"
         "start `adpa serve` for the reference and the teacher, train every student method with signals\n"
         "over gRPC, score all models with the ground-truth reward, and write results.json / results.md /\n"
-        "results.png. With --worlds above 1 or several --config files, all of that is repeated per world\n"
-        "replicate, and the report gives paired differences to ADPA with 95% bootstrap intervals and the\n"
-        "paper's claims one by one (adpa.demo.research).",
+        "results.png. With --worlds above 1 or several --config files, all of that is repeated per world:\n"
+        "settings are chosen on each config's tuning worlds, then trained in its test worlds; the report\n"
+        "decides the configs' pre-registered primary claims over test worlds (paired t-test, Holm) and\n"
+        "lists the rest as exploratory (adpa.demo.research).",
         epilog="examples:\n"
         "  adpa demo            # the built-in world, one seed: what `make demo` runs\n"
-        "  adpa demo --worlds 3 --seeds 2 --config demo/experiments/paper.yaml \\\n"
-        "      --config demo/experiments/credit.yaml --workdir runs/paper --out docs\n"
+        "  adpa demo --config demo/experiments/paper.yaml --config demo/experiments/credit.yaml \\\n"
+        "      --config demo/experiments/habit.yaml --workdir runs/paper --out docs\n"
         "                       # docs/results.md, results.json and results.png\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -222,9 +223,10 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--seeds", type=_positive_int, metavar="M",
                       help="student training seeds per method and world (>= 1; default: the config's `seeds`)")
     demo.add_argument("--worlds", type=_positive_int, metavar="N",
-                      help="world replicates (>= 1): replicate r redraws the world from seed world.seed + r and "
-                      "retrains the teachers and the SFT student (training seed r); settings are chosen on "
-                      "replicate 0's validation split only (default: the config's `worlds`, 1 for the built-in)")
+                      help="test worlds (>= 1): each redraws the world (seed world.seed + tuning_worlds + r) and "
+                      "retrains the teachers and the SFT student; settings are chosen on the config's "
+                      "`tuning_worlds` only, which are never tested (default: the config's `worlds`, 1 for the "
+                      "built-in)")
     demo.add_argument("--workdir", default="runs/demo", help="where data, models and results go (default: %(default)s)")
     demo.add_argument("--out", metavar="DIR",
                       help="where results.json, results.md and results.png go (default: the workdir)")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adpa.demo.world import WorldConfig
 
@@ -42,6 +42,15 @@ class Method(BaseModel):
     )
     options: dict[str, Any] = Field(default_factory=dict, description="fixed fields of the method's config")
     teacher: Literal["teacher", "reference"] = Field("teacher", description="which service gives the signals")
+    init_from: str | None = Field(
+        None, description="start from another method's trained student (same world and seed, that method's chosen "
+        "setting) instead of the SFT student: ADPA+ is ADPA from DCKD's student. Its steps count as this method's too"
+    )
+    steps: int | None = Field(None, ge=1, description="training steps (default: the config's `steps`)")
+    settings_from: str | None = Field(
+        None, description="train with another method's chosen setting instead of searching a grid of its own (a "
+        "derived row, e.g. a matched-compute control; its `grid` must name the same fields)"
+    )
 
     def candidates(self) -> list[dict[str, Any]]:
         keys = list(self.grid)
@@ -56,9 +65,20 @@ class Search(BaseModel):
         0, ge=0, description="how many times a method's grid may grow one rung past an edge its best setting "
         "sits on (see adpa.demo.search); 0 = the grid as written"
     )
-    select_on: Literal["greedy", "greedy+sampled"] = Field(
-        "greedy", description="validation score: mean greedy reward, or the mean of greedy and sampled (seed 0)"
+    select_on: Literal["greedy", "sampled", "greedy+sampled"] = Field(
+        "greedy", description="validation score: mean greedy reward, mean sampled reward, or the mean of both (seed 0)"
     )
+
+
+class PrimaryClaim(BaseModel):
+    """A pre-registered claim: `better` beats `worse` on the test worlds' mean reward under `decoding`."""
+
+    model_config = ConfigDict(extra="forbid")
+    key: str
+    better: str
+    worse: str
+    decoding: Literal["greedy", "sampled"]
+    why: str = Field("", description="where the paper makes the claim and why this decoding")
 
 
 class DemoConfig(BaseModel):
@@ -90,7 +110,36 @@ class DemoConfig(BaseModel):
         1, ge=1, description="student methods trained at once, each in its own worker process (its whole search, "
         "then its seeds); the table does not depend on it"
     )
+    tuning_worlds: int = Field(
+        0, ge=0, description="research runs: worlds that only choose settings (world seeds world.seed + t, t < "
+        "tuning_worlds), never tested; the test worlds then have seeds world.seed + tuning_worlds + r. 0 = the "
+        "settings are chosen on test world 0's validation split (the single-world demo)"
+    )
+    primary: list[PrimaryClaim] = Field(
+        default_factory=list, description="pre-registered claims, each decided at the world level with Holm over "
+        "all of them; everything else a run reports is exploratory"
+    )
     methods: dict[str, Method] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _derived_rows_name_methods(self) -> DemoConfig:
+        for name, method in self.methods.items():
+            for source in (method.init_from, method.settings_from):
+                if source is not None and (source not in self.methods or source == name):
+                    raise ValueError(f"method {name!r} derives from {source!r}, which is not another method here")
+            if method.init_from and self.methods[method.init_from].init_from:
+                raise ValueError(f"method {name!r}: init_from must name a method that starts from the SFT student")
+        for claim in self.primary:
+            for side in (claim.better, claim.worse):
+                if side not in self.methods and side not in ("SFT", "Teacher (DPO)", "Teacher SFT (reference)"):
+                    raise ValueError(f"primary claim {claim.key}: {side!r} is not a method of this config")
+        return self
+
+    def method_steps(self, name: str) -> int:
+        """Student steps of a method in all, its init_from method's included."""
+        method = self.methods[name]
+        own = method.steps or self.steps
+        return own + (self.method_steps(method.init_from) if method.init_from else 0)
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> DemoConfig:

@@ -101,9 +101,13 @@ class DemoRun:
 
     # -- student methods --------------------------------------------------------------------------
 
-    def train_method(self, name: str, method: Method, setting: dict, seed: int, endpoints: dict[str, str]) -> Path:
-        """Train one student with `method`, its fixed options and one `setting` of its grid."""
+    def train_method(self, name: str, method: Method, setting: dict, seed: int, endpoints: dict[str, str],
+                     start: Path | None = None) -> Path:
+        """Train one student with `method`, its fixed options and one `setting` of its grid, from `start`
+        (another method's student, for `init_from`) or the SFT student."""
         c = self.config
+        start = start or self.student_sft
+        total_steps = method.steps or c.steps
         # Every Trainer.train starts with a full gc.collect (accelerate's free_memory), which walks
         # the whole heap (datasets, tokenised records, loaded libraries): ~0.2 s a run. Collect the
         # last run's garbage now and freeze what is left, so those collections only walk new objects.
@@ -114,16 +118,16 @@ class DemoRun:
         lr = options.pop("learning_rate")
         pairs = self.data["pairs"]
         if method.method in TRL_METHODS:
-            stage = Stage(steps=c.steps, lr=lr, batch_size=c.batch_size, options=options)
+            stage = Stage(steps=total_steps, lr=lr, batch_size=c.batch_size, options=options)
             # SeqKD is SFT on the teacher's generations: generated once, shared by every seed and setting.
             kind, data = ("sft", self._seqkd_data()) if method.method == "seqkd" else (method.method, pairs)
-            trainer = train_trl(kind, self.student_sft, data, self.paths["pairs"], out, stage, seed)
+            trainer = train_trl(kind, start, data, self.paths["pairs"], out, stage, seed)
         else:
             from adpa.training.distill_config import DistillConfig
             from adpa.training.run import RunArguments, train
 
             plus = method.method == "adpa-plus"
-            steps = c.steps // 2 if plus else c.steps
+            steps = total_steps // 2 if plus else total_steps
             config = DistillConfig(
                 **common_args(out, steps, lr, c.batch_size, seed),
                 method="adpa" if plus else method.method, teacher=endpoints[method.teacher],
@@ -134,8 +138,8 @@ class DemoRun:
                 **options,
             )
             # adpa-plus: as many steps in all as ADPA alone, half DCKD, half ADPA.
-            run = RunArguments(model=str(self.student_sft), dataset=str(self.paths["pairs"]),
-                               plus_dckd_steps=c.steps - steps if plus else None)
+            run = RunArguments(model=str(start), dataset=str(self.paths["pairs"]),
+                               plus_dckd_steps=total_steps - steps if plus else None)
             trainer = train(method.method, run, config, pairs, silent=True,
                             examples=self._examples(pairs, config.max_length))
         self.curves[_run_label(name, setting, seed)] = loss_curve(trainer)
@@ -184,22 +188,25 @@ class DemoRun:
         return results
 
     def train_method_all(self, name: str, seeds: int, endpoints: dict[str, str], setting: dict | None,
-                         progress: Progress) -> dict:
+                         progress: Progress, starts: list[Path] | None = None) -> dict:
         """One method's row: its grid searched on validation with seed 0 (unless `setting` is given),
-        then the chosen setting trained with every seed."""
+        then the chosen setting trained with every seed; seed s starts from `starts[s]` when given (the
+        `init_from` method's student of that seed), else from the SFT student."""
         method = self.config.methods[name]
-        if setting is not None:  # chosen elsewhere (world 0's validation split): train every seed
+        start = (lambda seed: Path(starts[seed])) if starts else (lambda seed: None)
+        extra = {"init_models": [str(p) for p in starts[:seeds]]} if starts else {}
+        if setting is not None:  # chosen elsewhere (a tuning world, or another method): train every seed
             runs = []
             for seed in range(seeds):
                 progress.start(f"{name} seed={seed}")
-                runs.append(self.train_method(name, method, setting, seed, endpoints))
+                runs.append(self.train_method(name, method, setting, seed, endpoints, start(seed)))
                 progress.done()
-            return {"setting": setting, "models": runs, "curve": self.curves[_run_label(name, setting, 0)]}
+            return {"setting": setting, "models": runs, "curve": self.curves[_run_label(name, setting, 0)], **extra}
         models: dict[str, Path] = {}
 
         def score(setting: dict) -> float:
             progress.start(f"{name} {setting}")
-            models[_tag(setting)] = model = self.train_method(name, method, setting, 0, endpoints)
+            models[_tag(setting)] = model = self.train_method(name, method, setting, 0, endpoints, start(0))
             progress.done()
             return validation_score(self, model)
 
@@ -215,13 +222,13 @@ class DemoRun:
         runs = [models[_tag(best)]]
         for seed in range(1, seeds):
             progress.start(f"{name} seed={seed}")
-            runs.append(self.train_method(name, method, best, seed, endpoints))
+            runs.append(self.train_method(name, method, best, seed, endpoints, start(seed)))
             progress.done()
         logger.info("%s: %s chosen on validation (%s)%s", name, best,
                     "; ".join(f"{t[0]}: {t[1]:.3f}" for t in found.tried),
                     f"; grid extended {found.extensions}" if found.extensions else "")
         return {"setting": best, "validation": [{**t[0], "reward": t[1]} for t in found.tried],
-                "search": found.record(), "models": runs, "curve": self.curves[_run_label(name, best, 0)]}
+                "search": found.record(), "models": runs, "curve": self.curves[_run_label(name, best, 0)], **extra}
 
 
 def configure_output() -> None:

@@ -72,13 +72,6 @@ def plot(results: dict, path: Path) -> None:
 
 # -- research reports: several world replicates, paired intervals, the paper's claims ---------------
 
-TABLES = (
-    ("Table 1 in miniature", ("SFT", "DPO", "SimPO", "VanillaKD", "SeqKD", "DCKD", "ADPA", "ADPA+")),
-    ("Table 2 in miniature (ablations)", ("DCKD", "DCKD w/o y_l", "DCKD w/o DPO teacher", "ADPA", "ADPA w/o reference",
-                                          "ADPA w/o SFT term")),
-    ("KD variants, the release preset and online samples", ("ADPA", "Q-argmax KD", "Q-softmax KD",
-                                                              "ADPA (release preset)", "ADPA online")),
-)
 
 
 def _setting(setting: dict | None) -> str:
@@ -132,6 +125,10 @@ def _method_table(world: dict, names: tuple[str, ...]) -> list[str]:
     return lines
 
 
+def _p(p: float) -> str:
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
+
+
 def _verdict_cell(entry: dict, question: bool) -> str:
     verdict = entry["verdict"]
     if question:
@@ -139,52 +136,26 @@ def _verdict_cell(entry: dict, question: bool) -> str:
     return f"{_interval(entry)} {verdict}"
 
 
-def _claims_table(results: dict, questions: bool) -> list[str]:
-    lines = ["| claim | ordering | world | greedy: Δ [95% CI] worlds, verdict | sampled: Δ [95% CI] worlds, verdict |",
-             "|---|---|---|---|---|"]
-    for name, world in results["worlds"].items():
-        for claim in world["claims"]:
-            if claim["question"] != questions:
-                continue
-            order = f"{claim['better']} vs {claim['worse']}" if questions else f"{claim['better']} > {claim['worse']}"
-            lines.append(f"| {claim['key']} | {order} | {name} | {_verdict_cell(claim['greedy'], questions)} | "
-                         f"{_verdict_cell(claim['sampled'], questions)} |")
+def _primary_table(results: dict) -> list[str]:
+    lines = ["| claim | ordering | world | decoding | mean Δ | 95% t-interval over worlds | p (t) | p (sign-flip) "
+             "| p (Holm) | worlds agreeing | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in results["primary"]:
+        agree = e["worlds_positive"] if e["mean"] > 0 else e["worlds_negative"]
+        verdict = f"**{e['verdict']}**" if e["verdict"] != "undecided" else e["verdict"]
+        lines.append(f"| {e['key']} | {e['better']} > {e['worse']} | {e['world']} | {e['decoding']} | "
+                     f"{_signed(e['mean'])} | [{_signed(e['low'])}, {_signed(e['high'])}] | {_p(e['p_t'])} | "
+                     f"{_p(e['p_sign_flip'])} | {_p(e['p_holm'])} | {agree}/{e['worlds']} | {verdict} |")
     return lines
 
 
-def _search_lines(world: dict) -> list[str]:
-    summary = world["search_summary"]
-    config = world["config"]
-    lines = [
-        f"Settings per method before extension: {', '.join(map(str, summary['settings_per_method']))}; chosen on "
-        f"world 0's validation split ({config['world']['num_validation']} prompts, score: "
-        f"{config['search']['select_on']} reward, seed 0), at most {config['search']['max_extensions']} "
-        f"extension(s) per method. **{summary['methods_extended']} of {summary['methods']} methods had their grid "
-        f"extended ({summary['extensions']} extension(s) in all); {len(summary['still_at_edge'])} still sat at an "
-        f"edge when the cap was reached{': ' + ', '.join(summary['still_at_edge']) if summary['still_at_edge'] else ''}.** "
-        f"{summary['settings_trained']} settings trained for the search.",
-        "",
-        "| method | grid as written | extensions | settings tried | chosen | validation score | still at an edge |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, s in world["search"].items():
-        grid = config["methods"][name]["grid"]
-        written = "; ".join(f"{k}: {', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in vs)}"
-                            for k, vs in grid.items())
-        grown = ", ".join(f"{e['axis']} {e['direction']} to {e['value']:g}" for e in s["extensions"]) or "none"
-        best = max(s["validation"], key=lambda v: v["reward"])
-        chosen = world["methods"][name]["setting"]
-        lines.append(f"| {name} | {written} | {grown} | {s['settings_tried']} | {_setting(chosen)} | "
-                     f"{best['reward']:.3f} | {', '.join(s['still_at_edge']) or 'no'} |")
-    return lines
-
-
-def research_markdown(results: dict) -> str:
-    """docs/results.md from a research run: how it was made, the verdicts, then each world's tables."""
-    lines = [*_how_it_was_made(results), *_how_to_read(results), *_claims(results)]
-    for name, world in results["worlds"].items():
-        lines += _world_section(name, world)
-    return "\n".join(lines)
+def _verdict_summary(results: dict) -> list[str]:
+    """Each primary claim with its verdict per world kind, in one line each."""
+    by_claim: dict[str, list[str]] = {}
+    for e in results["primary"]:
+        by_claim.setdefault(f"{e['key']} ({e['better']} > {e['worse']}, {e['decoding']})", []).append(
+            f"{e['world']}: {e['verdict']}")
+    return [f"- {claim}: {'; '.join(parts)}." for claim, parts in by_claim.items()]
 
 
 def _how_it_was_made(results: dict) -> list[str]:
@@ -227,98 +198,150 @@ def _how_it_was_made(results: dict) -> list[str]:
     ]
 
 
-def _how_to_read(results: dict) -> list[str]:
-    """What the columns mean, how settings were chosen, and the caveats."""
+
+def research_markdown(results: dict) -> str:
+    """docs/results.md from a research run: how it was made, the primary claims, then the exploratory part."""
     worlds = results["worlds"]
     first = next(iter(worlds.values()))
-    return [
-        "## How to read the numbers",
-        "",
-        f"- Each world kind is built {first['worlds']} times (world replicates: world seed, teachers and SFT "
-        f"student all redrawn and retrained) and every student method is trained with {first['seeds']} seed(s) "
-        "on each: the reward columns are mean ± sd over those runs of each run's mean reward on the test prompts.",
-        "- **Δ vs ADPA**: the paired difference (same world, same seed and sampling seed, same prompts) of the "
-        "method's reward minus ADPA's, with its 95% bootstrap interval (4000 draws: the worlds with replacement, "
-        "then each drawn world's seeds and prompts with replacement), and how many worlds' own mean differences "
-        "have the estimate's sign. **WR vs ADPA**: the share of (world, seed, prompt) where the method's reward "
-        "beats ADPA's, ties 1/2, with the same interval. Bold: the interval excludes 0 (0.5 for win rates), "
-        "which is what counts as a result here; anything else is noise at this size.",
-        "- Settings are chosen once per world kind, on world 0's validation split, with every method given the "
-        "same number of settings and the same grid-extension rule (`adpa.demo.search`); the test splits are read "
-        "only for these tables.",
-        f"- Caveats: with {first['worlds']} worlds the bootstrap over worlds has few distinct draws and its "
-        "intervals are on the narrow side, so read the world counts beside them. "
-        "About 5% of intervals exclude 0 by chance alone when nothing differs: among the "
-        f"{sum(not c['question'] for w in worlds.values() for c in w['claims']) * 2} claim intervals below, a few "
-        "results are expected from noise.",
-        "",
-    ]
-
-
-def _claims(results: dict) -> list[str]:
-    """The paper's claims with their verdicts, counted per world and decoding, then the open questions."""
-    worlds = results["worlds"]
-    lines = [
-        "## The paper's claims, one by one",
-        "",
-        "Verdict per claim, world and decoding: **holds** (the interval lies above 0 in the paper's direction), "
-        "**reversed** (below 0), **undecided** (the interval contains 0: the noise cannot decide).",
-        "",
-        *_claims_table(results, questions=False),
-        "",
-    ]
+    n_primary = len(results["primary"])
+    lines = [*_how_it_was_made(results), "## Pre-registered primary claims", "",
+             "Written in each world kind's config (`primary:`) before the run and decided only here. Each test "
+             f"world gives one number per claim, the mean over its {first['prompts']} test prompts (and "
+             f"{first['seeds']} student seed(s)) of the paired reward difference, better minus worse, under the "
+             "claim's decoding. The test is a two-sided paired t-test over the test worlds (df = worlds - 1) with "
+             f"its 95% t-interval; the exact sign-flip permutation p over worlds is shown beside it. **Holm** "
+             f"adjusts the t-test p over all {n_primary} primary tests (every claim in each of the {len(worlds)} world "
+             "kinds, one "
+             "family). Verdict: **holds** (Holm p < 0.05, mean > 0), **reversed** (Holm p < 0.05, mean < 0), "
+             "else undecided.",
+             "", *_primary_table(results), "",
+             "![per-world paired differences of the primary claims](results.png)", "",
+             "Each dot is one test world's mean difference; the bar is the mean over worlds with its 95% "
+             "t-interval.", "", "### Verdicts", "", *_verdict_summary(results), "",
+             *_scope(results), *_how_to_read(results), "## Exploratory (no correction; not the claims above)", "",
+             "The paper's other orderings and the primary claims under the other decoding, each with its "
+             "prompt-level bootstrap interval (worlds, seeds and prompts resampled; bold when it excludes 0) and "
+             "the uncorrected world-level t-test p. Read them as descriptions, not decisions.", "",
+             *_claims_table(results, questions=False), "", *_claims_table(results, questions=True), ""]
     for name, world in worlds.items():
-        counts = {}
-        for claim in world["claims"]:
-            if claim["question"]:
-                continue
-            for mode in ("greedy", "sampled"):
-                counts.setdefault(mode, {}).setdefault(claim[mode]["verdict"], []).append(claim["key"])
-        for mode in ("greedy", "sampled"):
-            parts = [f"{verdict} {len(keys)} ({', '.join(keys)})" for verdict, keys in sorted(counts.get(mode, {}).items())]
-            lines.append(f"- {name}, {mode}: " + "; ".join(parts) + ".")
-    return lines + [
-        "",
-        "Questions the paper does not order, measured the same way:",
-        "",
-        *_claims_table(results, questions=True),
-        "",
-        "![paired differences to ADPA](results.png)",
+        lines += _world_section(name, world)
+    return "\n".join(lines)
+
+
+def _scope(results: dict) -> list[str]:
+    """What a miniature like this shows about the paper: the count of decided claims, then words fixed
+    before the run."""
+    verdicts = [e["verdict"] for e in results["primary"]]
+    counted = ", ".join(f"{verdicts.count(v)} {v}" for v in ("holds", "reversed", "undecided"))
+    return [
+        "### What this shows and what it does not", "",
+        f"Of the {len(verdicts)} primary tests: {counted}.", "",
+        "It shows, for tiny transformers on synthetic list tasks with a known reward, whether each ordering "
+        "survives world-to-world variation (data, teachers and SFT student redrawn) after a fixed, equal tuning "
+        "budget and a correction for testing five claims in several world kinds. It does not show anything about "
+        "7B/8B models, open-ended chat, AlpacaEval or MT-Bench: a claim that holds here is consistent with the "
+        "paper's mechanism, a claim that is undecided or reversed here says the mechanism is not enough on its "
+        "own in that world, not that the paper's numbers are wrong.", "",
+    ]
+
+
+def _how_to_read(results: dict) -> list[str]:
+    """How settings were chosen, and what the columns of the exploratory tables mean."""
+    first = next(iter(results["worlds"].values()))
+    return [
+        "## How the runs were made", "",
+        f"- Per world kind: {len(first['tuning_world_seeds'])} tuning world(s) and {first['worlds']} test worlds "
+        "with disjoint, consecutive world seeds (tuning first). A world is its own data, teachers (pi_ref, pi_dpo) "
+        "and SFT student.",
+        "- Tuning: every method's grid (the same number of settings for every method, no extension) is trained in "
+        "the tuning world(s) and scored on their validation split by the score declared in the config "
+        f"(`search.select_on`: {first['config']['search']['select_on']} reward); the best is trained unchanged in "
+        "every test world. Test worlds choose nothing; tuning worlds are never scored for these tables.",
+        "- ADPA+ is ADPA started from DCKD's student of the same world and seed (DCKD's chosen setting), so it "
+        "trains DCKD's steps and then its own; only its ADPA stage is tuned. `ADPA (400 steps)` is ADPA's chosen "
+        "setting trained as many steps as ADPA+ in all: the matched-compute control (not tuned on its own).",
+        "- Reward columns: mean ± sd over test worlds (and seeds) of each run's mean reward on the test prompts. "
+        "**Δ vs ADPA**: paired difference with its prompt-level bootstrap interval and how many worlds share its "
+        "sign. **habit**: share of responses with the filler word (the third world's habit).",
         "",
     ]
+
+
+def _claims_table(results: dict, questions: bool) -> list[str]:
+    lines = ["| claim | ordering | world | greedy: Δ [95% CI] worlds, verdict; world p | "
+             "sampled: Δ [95% CI] worlds, verdict; world p |", "|---|---|---|---|---|"]
+    for name, world in results["worlds"].items():
+        for claim in world["claims"]:
+            if claim["question"] != questions:
+                continue
+            order = f"{claim['better']} vs {claim['worse']}" if questions else f"{claim['better']} > {claim['worse']}"
+            cells = [f"{_verdict_cell(claim[m], questions)}; p {_p(claim[m]['world_test']['p_t'])}"
+                     for m in ("greedy", "sampled")]
+            lines.append(f"| {claim['key']} | {order} | {name} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def _search_lines(world: dict) -> list[str]:
+    summary = world["search_summary"]
+    config = world["config"]
+    lines = [
+        f"Chosen on tuning world(s) {', '.join(map(str, world['tuning_world_seeds']))} (validation split, "
+        f"{config['world']['num_validation']} prompts, score: {config['search']['select_on']} reward, seed 0); "
+        f"{summary['settings_trained']} settings trained in all. Rows without a search take another method's "
+        f"setting: {', '.join(f'{k} from {v}' for k, v in summary['derived'].items()) or 'none'}.",
+        "",
+        "| method | grid | settings tried | chosen | validation score of each setting |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in world["search"].items():
+        written = "; ".join(f"{k}: {', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in vs)}"
+                            for k, vs in s["grid"].items())
+        scores = ", ".join(f"{_setting({k: v for k, v in t.items() if k != 'reward'})}: {t['reward']:.3f}"
+                           for t in s["validation"])
+        lines.append(f"| {name} | {written} | {s['settings_tried']} | {_setting(world['methods'][name]['setting'])} "
+                     f"| {scores} |")
+    return lines
+
+
+def _method_table(world: dict, names: list[str], habit: bool) -> list[str]:
+    head = "| method | setting | steps in all | reward (greedy) | Δ vs ADPA (greedy) | reward (sampled) | Δ vs ADPA (sampled) |"
+    rule = "|---|---|---|---|---|---|---|"
+    if habit:
+        head += " habit (greedy) | habit (sampled) |"
+        rule += "---|---|"
+    lines = [head, rule]
+    for name in names:
+        row = world["methods"][name]
+        cells = [name, _setting(row.get("setting")), str(row.get("steps") or "-")]
+        for mode in ("greedy", "sampled"):
+            cells += [_mean_sd(row[f"reward_{mode}"]), _interval(row.get(f"diff_vs_ADPA_{mode}"))]
+        if habit:
+            cells += [f"{row['habit_greedy']:.2f}", f"{row['habit_sampled']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _world_section(name: str, world: dict) -> list[str]:
-    """One world kind: its description and sizes, the starting points, each table, the search, examples."""
+    """One world kind: its description and sizes, its table, the search, examples."""
     config = world["config"]
     w = config["world"]
+    habit = bool(w["reward"].get("filler"))
     lines = [
-        f"## World `{name}`",
-        "",
-        world["about"].strip() or "(no description in the config)",
-        "",
-        f"World seeds {', '.join(map(str, world['world_seeds']))}; {w['num_sft']} demonstrations, "
-        f"{w['num_pairs']} preference pairs, {w['num_validation']} validation and {w['num_test']} test prompts "
-        f"per world; tasks {', '.join(w['tasks'])} on {w['min_items']}-{w['max_items']} items; teacher "
-        f"{config['teacher']['layers']} layers d={config['teacher']['hidden']}, student "
-        f"{config['student']['layers']} layer(s) d={config['student']['hidden']}; {config['steps']} student steps "
-        f"of {config['batch_size']} records for every method (ADPA+: half DCKD, half ADPA). Time per world "
-        f"replicate: {', '.join(_duration(s) for s in world['seconds_per_world'])}.",
-        "",
-        "Stage 0 and the starting points (no setting to choose):",
-        "",
-        "| model | reward (greedy) | reward (sampled) | Δ vs ADPA (greedy) | Δ vs ADPA (sampled) |",
-        "|---|---|---|---|---|",
+        f"## World `{name}`", "",
+        world["about"].strip() or "(no description in the config)", "",
+        f"Tuning world seed(s) {', '.join(map(str, world['tuning_world_seeds']))}; test world seeds "
+        f"{', '.join(map(str, world['world_seeds']))}; {w['num_sft']} demonstrations, {w['num_pairs']} preference "
+        f"pairs, {w['num_validation']} validation and {w['num_test']} test prompts per world; tasks "
+        f"{', '.join(w['tasks'])} on {w['min_items']}-{w['max_items']} items; teacher {config['teacher']['layers']} "
+        f"layers d={config['teacher']['hidden']}, student {config['student']['layers']} layer(s) "
+        f"d={config['student']['hidden']}; {config['steps']} steps of {config['batch_size']} records per method "
+        f"unless its row says otherwise. Time per tuning world: "
+        f"{', '.join(_duration(s) for s in world['seconds_per_tuning_world'])}; per test world: "
+        f"{', '.join(_duration(s) for s in world['seconds_per_world'])}.", "",
+        *_method_table(world, list(world["methods"]), habit), "",
+        "### Tuning", "", *_search_lines(world), "",
+        f"### Example greedy responses (test world seed {world['world_seeds'][0]})", "",
     ]
-    for row_name in FIXED_ROWS:
-        row = world["methods"].get(row_name)
-        if row:
-            lines.append(f"| {row_name} | {_mean_sd(row['reward_greedy'])} | {_mean_sd(row['reward_sampled'])} | "
-                         f"{_interval(row.get('diff_vs_ADPA_greedy'))} | {_interval(row.get('diff_vs_ADPA_sampled'))} |")
-    for title, names in TABLES:
-        lines += ["", f"### {title}", "", *_method_table(world, names)]
-    lines += ["", "### The search", "", *_search_lines(world), "", "### Example greedy responses (world 0, seed 0)",
-              ""]
     for row_name, examples in world["examples"].items():
         shown = "; ".join(f"`{e['prompt']}` → `{e['greedy']}`" for e in examples[:2])
         lines.append(f"- {row_name}: {shown}")
@@ -327,28 +350,28 @@ def _world_section(name: str, world: dict) -> list[str]:
 
 
 def research_plot(results: dict, path: Path) -> None:
-    """Per world kind and decoding: every method's paired difference to ADPA with its 95% interval."""
+    """One panel per world kind: each primary claim's per-world paired differences (dots), their mean and
+    95% t-interval (bar), coloured by verdict."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    worlds = results["worlds"]
-    fig, axes = plt.subplots(len(worlds), 2, figsize=(14, 5.5 * len(worlds)), squeeze=False)
-    for row, (name, world) in enumerate(worlds.items()):
-        names = [n for n in world["methods"] if world["methods"][n].get("diff_vs_ADPA_greedy")]
-        for col, mode in enumerate(("greedy", "sampled")):
-            ax = axes[row][col]
-            stats = [world["methods"][n][f"diff_vs_ADPA_{mode}"] for n in names]
-            means = [s["mean"] for s in stats]
-            errors = [[s["mean"] - s["low"] for s in stats], [s["high"] - s["mean"] for s in stats]]
-            colors = ["tab:green" if s["low"] > 0 else "tab:red" if s["high"] < 0 else "tab:gray" for s in stats]
-            ax.barh(range(len(names)), means, xerr=errors, color=colors, capsize=3)
-            ax.set_yticks(range(len(names)), names, fontsize=8)
-            ax.invert_yaxis()
-            ax.axvline(0, color="black", linewidth=0.8)
-            ax.set_xlabel(f"reward minus ADPA's, {mode} (95% bootstrap interval)")
-            ax.set_title(f"world '{name}', {mode}: {world['worlds']} worlds x {world['seeds']} seeds")
+    worlds = list(results["worlds"])
+    fig, axes = plt.subplots(1, len(worlds), figsize=(6 * len(worlds), 5), squeeze=False, sharey=False)
+    colors = {"holds": "tab:green", "reversed": "tab:red", "undecided": "tab:gray"}
+    for ax, name in zip(axes[0], worlds):
+        entries = [e for e in results["primary"] if e["world"] == name]
+        for i, e in enumerate(entries):
+            jitter = [i + 0.08 * (j - (len(e["per_world"]) - 1) / 2) / max(1, len(e["per_world"]) / 4)
+                      for j in range(len(e["per_world"]))]
+            ax.scatter(jitter, e["per_world"], s=14, color="black", alpha=0.6, zorder=3)
+            ax.errorbar([i + 0.3], [e["mean"]], yerr=[[e["mean"] - e["low"]], [e["high"] - e["mean"]]], fmt="o",
+                        color=colors[e["verdict"]], capsize=4, zorder=4)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(entries)), [f"{e['key']}\n{e['better']}\n> {e['worse']}" for e in entries], fontsize=7)
+        ax.set_ylabel(f"per-world reward difference ({entries[0]['decoding'] if entries else ''})")
+        ax.set_title(f"world '{name}': {len(entries[0]['per_world']) if entries else 0} test worlds")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,17 +1,21 @@
-"""Replicates that include the world, and the paper's claims checked against their noise.
+"""Replicates that include the world, pre-registered claims decided over worlds, and the rest explored.
 
-    adpa demo --worlds 3 --seeds 2 --config demo/experiments/paper.yaml --config demo/experiments/credit.yaml \\
-        --workdir runs/paper --out docs
+    adpa demo --config demo/experiments/paper.yaml --config demo/experiments/credit.yaml \\
+        --config demo/experiments/habit.yaml --workdir runs/paper --out docs
 
-For each config (a world kind) and each replicate r < worlds: a world built from seed
-`world.seed + r`, its own stage 0 (teachers and SFT student, training seed r), its own services,
-and every student method trained with seeds 0..seeds-1. Each method's setting is chosen once per
-world kind, on replicate 0's validation split (adpa.demo.search, with the config's grid-extension
-rule), and then trained unchanged on every replicate; test splits are read only for the final
-scores. Every comparison is paired (same world, seed and prompts) with a bootstrap interval over
-worlds, seeds and prompts (adpa.demo.stats).
+For each config (a world kind): `tuning_worlds` worlds (seeds world.seed + t) where every method's grid
+is searched on the validation split, and `worlds` test worlds (seeds world.seed + tuning_worlds + r)
+where the chosen settings are trained unchanged and scored on the test split. A world has its own
+data, stage 0 (teachers and SFT student, training seed = its index) and services. Tuning worlds are
+never tested; test worlds never choose anything.
 
-A replicate's record is written to `WORKDIR/NAME/world-R/replicate.json` as soon as it is done;
+The config's `primary` claims are decided at the world level: the per-world mean difference of the
+two methods under the claim's decoding, a paired t-test over test worlds and its t-interval
+(adpa.demo.stats.world_test), Holm over every primary claim of every world kind in the run. All the
+rest (the other decoding, the paper's other orderings, the matched-compute control, the prompt-level
+bootstrap) is exploratory and reported apart.
+
+A world's record is written to `WORKDIR/NAME/{tuning,world}-R/replicate.json` as soon as it is done;
 rerunning the command with the same workdir reuses records whose config, seeds and settings match
 (the report then says how many were reused, since the wall time no longer covers them).
 """
@@ -30,7 +34,8 @@ import numpy as np
 from adpa.demo.config import DemoConfig
 from adpa.demo.pipeline import DemoRun, _slug, write_results
 from adpa.demo.provenance import environment, source_state
-from adpa.demo.stats import paired_difference, run_means, verdict, win_rate
+from adpa.demo.stats import decide, holm, paired_difference, run_means, verdict, win_rate, world_test
+from adpa.demo.world import has_filler
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +75,38 @@ CLAIMS = (
 )
 # Questions the paper does not order, measured the same way (no verdict direction expected).
 QUESTIONS = (
+    Claim("Q0", "ADPA+", "ADPA (400 steps)", "ADPA+ against ADPA trained as many steps in all (matched compute)"),
     Claim("Q1", "ADPA", "ADPA (release preset)", "our ADPA (exact advantage at the union support, floor) vs the release's preset"),
     Claim("Q2", "ADPA online", "ADPA", "fresh student samples every step vs samples drawn once (the paper: offline works)"),
     Claim("Q3", "Teacher (DPO)", "Teacher SFT (reference)", "the world teaches: DPO lifts the teacher over its reference"),
 )
+
+
+def world_seeds(config: DemoConfig, test_worlds: int) -> tuple[list[int], list[int]]:
+    """The tuning worlds' seeds and the test worlds' seeds: consecutive from `world.seed`, tuning first,
+    so the two never overlap."""
+    first, tuning = config.world.seed, config.tuning_worlds
+    return [first + t for t in range(tuning)], [first + tuning + r for r in range(test_worlds)]
+
+
+def tuning_config(config: DemoConfig) -> DemoConfig:
+    """The config a tuning world trains: every method with a grid of its own (derived rows, which take
+    another method's setting, have nothing to choose there)."""
+    return config.model_copy(update={"methods": {n: m for n, m in config.methods.items() if m.settings_from is None}})
+
+
+def choose_settings(tuning_records: list[dict]) -> dict[str, dict]:
+    """Each method's setting: the best mean validation score over the tuning worlds (each world scores the
+    same settings; with one tuning world, its own choice). Ties go to the setting tried first."""
+    chosen = {}
+    for name in tuning_records[0]["search"]:
+        scores: dict[str, list] = {}
+        for record in tuning_records:
+            for tried in record["search"][name]["validation"]:
+                setting = {k: v for k, v in tried.items() if k != "reward"}
+                scores.setdefault(json.dumps(setting, sort_keys=True), [setting, []])[1].append(tried["reward"])
+        chosen[name] = max(scores.values(), key=lambda entry: float(np.mean(entry[1])))[0]
+    return chosen
 
 
 def _fingerprint(config: DemoConfig, replicate: int, seeds: int, settings: dict | None) -> str:
@@ -98,6 +131,9 @@ def run_replicate(config: DemoConfig, workdir: Path, replicate: int, seeds: int,
     summary = run.run(seeds=seeds, settings=settings)
     write_results(summary, workdir)  # this replicate's own table, as `adpa demo` writes it for one world
     rewards: dict[str, dict[str, list[list[float]]]] = {}
+    # The share of responses with the filler habit, per row, decoding and seed (the third world's habit).
+    habit = {name: {mode: [float(np.mean([has_filler(r) for r in e.modes[mode].responses])) for e in evals]
+                    for mode in MODES} for name, evals in run.evals.items()}
     for name, evals in run.evals.items():
         if name in FIXED_ROWS:  # one model: greedy is deterministic, sampling is redrawn per student seed
             model = run.rows[name]["models"][0]
@@ -118,6 +154,9 @@ def run_replicate(config: DemoConfig, workdir: Path, replicate: int, seeds: int,
         "settings": {n: r["setting"] for n, r in methods.items() if "setting" in r},
         "search": {n: {"validation": r["validation"], **r["search"]} for n, r in methods.items() if "search" in r},
         "rewards": rewards,
+        "habit": habit,
+        "steps": {n: config.method_steps(n) for n in config.methods},
+        "init_models": {n: r["init_models"] for n, r in methods.items() if r.get("init_models")},
         "examples": {n: r["examples"] for n, r in methods.items()},
         "curves": {n: r["curve"] for n, r in methods.items() if r.get("curve")},
         "reused": False,
@@ -126,19 +165,30 @@ def run_replicate(config: DemoConfig, workdir: Path, replicate: int, seeds: int,
     return record
 
 
-def analyse(config: DemoConfig, records: list[dict]) -> dict:
-    """Means, paired differences to ADPA, win rates and the claims' verdicts for one world kind."""
+def per_world_difference(better: np.ndarray, worse: np.ndarray) -> np.ndarray:
+    """Paired rewards (worlds, seeds, prompts) -> each world's mean difference, better minus worse."""
+    return (np.asarray(better, dtype=np.float64) - np.asarray(worse, dtype=np.float64)).mean(axis=(1, 2))
+
+
+def analyse(config: DemoConfig, records: list[dict], tuning: list[dict]) -> dict:
+    """One world kind: its primary claims' world-level tests (Holm comes later, over every kind), and the
+    exploratory means, paired differences to ADPA, win rates, orderings and habit rates."""
     names = list(records[0]["rewards"])
     arrays = {n: {m: np.array([r["rewards"][n][m] for r in records]) for m in MODES} for n in names}
     rows = {}
     for name in names:
-        row: dict = {"setting": records[0]["settings"].get(name)}
+        row: dict = {"setting": records[0]["settings"].get(name), "steps": records[0]["steps"].get(name)}
         for mode in MODES:
             row[f"reward_{mode}"] = run_means(arrays[name][mode])
+            row[f"habit_{mode}"] = float(np.mean([r["habit"][name][mode] for r in records]))
             if BASELINE in arrays and name != BASELINE:
                 row[f"diff_vs_{BASELINE}_{mode}"] = paired_difference(arrays[name][mode], arrays[BASELINE][mode]).as_dict()
                 row[f"win_rate_vs_{BASELINE}_{mode}"] = win_rate(arrays[name][mode], arrays[BASELINE][mode]).as_dict()
         rows[name] = row
+    primary = []
+    for claim in config.primary:
+        test = world_test(per_world_difference(arrays[claim.better][claim.decoding], arrays[claim.worse][claim.decoding]))
+        primary.append({**claim.model_dump(), "world": config.name, **test.as_dict()})
     claims = []
     for claim in (*CLAIMS, *QUESTIONS):
         if claim.better not in arrays or claim.worse not in arrays:
@@ -147,9 +197,14 @@ def analyse(config: DemoConfig, records: list[dict]) -> dict:
                  "question": claim in QUESTIONS}
         for mode in MODES:
             interval = paired_difference(arrays[claim.better][mode], arrays[claim.worse][mode])
-            entry[mode] = {**interval.as_dict(), "verdict": verdict(interval)}
+            over_worlds = world_test(per_world_difference(arrays[claim.better][mode], arrays[claim.worse][mode]))
+            entry[mode] = {**interval.as_dict(), "verdict": verdict(interval), "world_test": over_worlds.as_dict()}
         claims.append(entry)
-    search = records[0]["search"]
+    search = {name: {"validation": [t for r in tuning for t in r["search"][name]["validation"]],
+                     "settings_tried": sum(r["search"][name]["settings_tried"] for r in tuning),
+                     "grid": config.methods[name].grid, **{k: v for k, v in tuning[0]["search"][name].items()
+                                                           if k not in ("validation", "settings_tried")}}
+              for name in tuning[0]["search"]}
     shape = next(iter(arrays.values()))["greedy"].shape
     return {
         "name": config.name,
@@ -158,23 +213,34 @@ def analyse(config: DemoConfig, records: list[dict]) -> dict:
         "worlds": len(records),
         "seeds": shape[1],
         "prompts": shape[2],
+        "tuning_world_seeds": [r["world_seed"] for r in tuning],
         "world_seeds": [r["world_seed"] for r in records],
+        "seconds_per_tuning_world": [r["seconds"] for r in tuning],
         "seconds_per_world": [r["seconds"] for r in records],
-        "reused_worlds": sum(bool(r.get("reused")) for r in records),
+        "reused_worlds": sum(bool(r.get("reused")) for r in [*tuning, *records]),
         "methods": rows,
+        "primary": primary,
         "claims": claims,
         "search": search,
         "search_summary": {
             "methods": len(search),
-            "settings_per_method": sorted({len(config.methods[n].candidates()) for n in search}),
-            "methods_extended": sum(bool(s["extensions"]) for s in search.values()),
-            "extensions": sum(len(s["extensions"]) for s in search.values()),
-            "still_at_edge": sorted(n for n, s in search.items() if s["still_at_edge"]),
+            "settings_per_method": {n: len(config.methods[n].candidates()) for n in search},
             "settings_trained": sum(s["settings_tried"] for s in search.values()),
+            "derived": {n: m.settings_from for n, m in config.methods.items() if m.settings_from},
         },
         "examples": records[0]["examples"],
         "curves": records[0]["curves"],
     }
+
+
+def decide_primary(worlds: dict[str, dict]) -> list[dict]:
+    """Holm over every primary claim of every world kind (one family: the whole pre-registration), then
+    each claim's verdict from its adjusted p (adpa.demo.stats.decide). Updates the entries in place."""
+    entries = [entry for world in worlds.values() for entry in world["primary"]]
+    for entry, adjusted in zip(entries, holm([e["p_t"] for e in entries])):
+        entry["p_holm"] = adjusted
+        entry["verdict"] = decide(entry["mean"], adjusted)
+    return entries
 
 
 def loadavg() -> str | None:
@@ -193,17 +259,32 @@ def run_research(configs: list[DemoConfig], workdir: str | Path, *, worlds: int 
     workdir = Path(workdir)
     started, load_before, source = time.perf_counter(), loadavg(), source_state()
     results: dict = {"command": command, "load_before": load_before, "worlds": {}}
+    # Every kind's tuning worlds first, then the test worlds round-robin over kinds (test world r of every
+    # kind before r + 1), so that a run cut short has the same number of worlds in every kind.
+    plan = {}
     for config in configs:
-        n_worlds, n_seeds = worlds or config.worlds, seeds or config.seeds
-        settings, records = None, []
-        for replicate in range(n_worlds):
-            logger.info("%s: world replicate %d of %d, %d seed(s)", config.name, replicate + 1, n_worlds, n_seeds)
-            record = run_replicate(config, workdir / _slug(config.name) / f"world-{replicate}", replicate, n_seeds,
-                                   settings)
-            if settings is None:
-                settings = record["settings"]
-            records.append(record)
-        results["worlds"][config.name] = analyse(config, records)
+        if not config.tuning_worlds:
+            raise ValueError(f"{config.name}: research runs choose settings on tuning worlds; set tuning_worlds >= 1")
+        folder = workdir / _slug(config.name)
+        tuning = []
+        for t in range(config.tuning_worlds):
+            logger.info("%s: tuning world %d of %d", config.name, t + 1, config.tuning_worlds)
+            tuning.append(run_replicate(tuning_config(config), folder / f"tuning-{t}", t, 1, None))
+        settings = choose_settings(tuning)
+        for name, method in config.methods.items():  # derived rows take their source's choice
+            if method.settings_from:
+                settings[name] = settings[method.settings_from]
+        plan[config.name] = (config, folder, tuning, settings, worlds or config.worlds, seeds or config.seeds, [])
+    for r in range(max(p[4] for p in plan.values())):
+        for config, folder, _, settings, n_worlds, n_seeds, records in plan.values():
+            if r < n_worlds:
+                logger.info("%s: test world %d of %d, %d seed(s)", config.name, r + 1, n_worlds, n_seeds)
+                records.append(run_replicate(config, folder / f"world-{r}", config.tuning_worlds + r, n_seeds,
+                                             settings))
+    for name, (config, _, tuning, _, _, _, records) in plan.items():
+        results["worlds"][name] = analyse(config, records, tuning)
+    results["primary"] = decide_primary(results["worlds"])
+    results["preregistration"] = {name: w["config"]["primary"] for name, w in results["worlds"].items()}
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["load_after"] = loadavg()
     results["environment"] = {**environment(), **source}  # the code the run started from

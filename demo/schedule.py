@@ -44,7 +44,28 @@ def train_sequential(run: DemoRun, seeds: int, fixed: dict[str, dict | None], st
     endpoints = services_ready(services)
     with tqdm(total=planned_runs(run, seeds, fixed), desc="student methods", unit="run") as bar:
         progress = Progress(bar.set_postfix_str, bar.update, lambda n: _grow(bar, n))
-        return {name: run.train_method_all(name, seeds, endpoints, fixed[name], progress) for name in fixed}
+        trained: dict[str, dict] = {}
+        for name in [n for n in fixed if not sources(run.config, n)] + [n for n in fixed if sources(run.config, n)]:
+            setting, starts = derived_inputs(run.config, name, fixed[name], trained)
+            trained[name] = run.train_method_all(name, seeds, endpoints, setting, progress, starts)
+        return {name: trained[name] for name in fixed}
+
+
+def sources(config: DemoConfig, name: str) -> list[str]:
+    """The methods a method waits for: the one it starts from and the one whose setting it takes."""
+    method = config.methods[name]
+    return [s for s in (method.init_from, method.settings_from) if s]
+
+
+def derived_inputs(config: DemoConfig, name: str, setting: dict | None,
+                   trained: dict[str, dict]) -> tuple[dict | None, list[Path] | None]:
+    """A method's setting and starting students, once its sources' rows are in `trained`: `settings_from`
+    gives the source's chosen setting (unless one is fixed already), `init_from` the source's students."""
+    method = config.methods[name]
+    if setting is None and method.settings_from:
+        setting = trained[method.settings_from]["setting"]
+    starts = [Path(m) for m in trained[method.init_from]["models"]] if method.init_from else None
+    return setting, starts
 
 
 def train_parallel(run: DemoRun, seeds: int, fixed: dict[str, dict | None], stack: ExitStack) -> dict[str, dict]:
@@ -86,13 +107,23 @@ def train_parallel(run: DemoRun, seeds: int, fixed: dict[str, dict | None], stac
                 if name not in futures:
                     futures[name] = pool.submit(_train_in_worker, name, seeds, endpoints, fixed[name])
 
-    queue([n for n in fixed if run.config.methods[n].method in TEACHER_WEIGHTS_ONLY], {})
-    queue(list(fixed), services_ready(services))
+    independent = [n for n in fixed if not sources(run.config, n)]
+    queue([n for n in independent if run.config.methods[n].method in TEACHER_WEIGHTS_ONLY], {})
+    endpoints = services_ready(services)
+    queue(independent, endpoints)
     trained = {}
+    for name in fixed:  # derived rows (ADPA+ from DCKD's students) are queued once their sources are done
+        if name not in futures:
+            for source in sources(run.config, name):
+                trained[source], curves = futures[source].result()
+                run.curves.update(curves)
+            setting, starts = derived_inputs(run.config, name, fixed[name], trained)
+            with lock:
+                futures[name] = pool.submit(_train_in_worker, name, seeds, endpoints, setting, starts)
     for name in fixed:
         trained[name], curves = futures[name].result()
         run.curves.update(curves)
-    return trained
+    return {name: trained[name] for name in fixed}
 
 
 def planned_runs(run: DemoRun, seeds: int, fixed: dict[str, dict | None]) -> int:
@@ -208,11 +239,12 @@ def _stage0_in_worker(label: str) -> list[tuple[int, float]]:
     return train_stage0(_WORKER, label)
 
 
-def _train_in_worker(name: str, seeds: int, endpoints: dict[str, str], setting: dict | None) -> tuple[dict, dict]:
+def _train_in_worker(name: str, seeds: int, endpoints: dict[str, str], setting: dict | None,
+                     starts: list[Path] | None = None) -> tuple[dict, dict]:
     """One method's row and its runs' loss curves."""
     run, events = _WORKER, _EVENTS
     progress = Progress(lambda text: events.put(("start", text)), lambda: events.put(("done", None)),
                         lambda n: events.put(("grow", n)))
     before = set(run.curves)
-    record = run.train_method_all(name, seeds, endpoints, setting, progress)
+    record = run.train_method_all(name, seeds, endpoints, setting, progress, starts)
     return record, {label: curve for label, curve in run.curves.items() if label not in before}

@@ -74,6 +74,8 @@ def loss_curve(trainer) -> list[tuple[int, float]]:
 def train_stage0(run: DemoRun, label: str) -> list[tuple[int, float]]:
     """One stage-0 model (a key of STAGE0); returns its loss curve (also kept in `run.curves`)."""
     method, start, split, out, stage = STAGE0[label]
+    if out == "reference" and "teacher_sft" in run.paths:  # a world whose teacher was SFT'd on its own corpus
+        split = "teacher_sft"
     started = time.perf_counter()
     trainer = train_trl(method, getattr(run, start), run.data[split], run.paths[split], getattr(run, out),
                         getattr(run.config, stage), seed=run.replicate)

@@ -16,6 +16,8 @@ mean difference has the interval's sign is reported beside it.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -99,3 +101,134 @@ def run_means(values: np.ndarray) -> dict[str, float]:
     per_run = np.asarray(values, dtype=np.float64).mean(axis=2).ravel()
     return {"mean": float(per_run.mean()), "std": float(per_run.std(ddof=1)) if per_run.size > 1 else 0.0,
             "n": int(per_run.size)}
+
+
+# -- decisions at the world level -------------------------------------------------------------------
+#
+# The unit of replication is the world: its data, teachers and SFT student are redrawn, so two runs in
+# one world share all of that noise. A primary claim is decided on the n per-world mean differences
+# d_1..d_n (one number per test world), never on prompts or seeds pooled across worlds.
+
+
+@dataclass(frozen=True)
+class WorldTest:
+    """A paired comparison decided over worlds: the t-interval, the t-test and the sign-flip test."""
+
+    mean: float  # mean over worlds of the per-world mean differences
+    low: float  # 95% t-interval over worlds
+    high: float
+    p_t: float  # two-sided one-sample t-test of mean 0 on the per-world differences
+    p_sign_flip: float  # two-sided exact sign-flip permutation test (all 2^n sign patterns)
+    worlds_positive: int
+    worlds_negative: int
+    worlds: int
+    per_world: tuple[float, ...]
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "per_world": list(self.per_world)}
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes 6.4)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+            if aa == 0.0:
+                break
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def regularized_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularised incomplete beta function, for a, b > 0 and 0 <= x <= 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| >= |t|) for Student's t with `df` degrees of freedom: I_{df/(df+t^2)}(df/2, 1/2)."""
+    if not math.isfinite(t):
+        return 0.0
+    return regularized_beta(df / 2.0, 0.5, df / (df + t * t))
+
+
+@functools.lru_cache(maxsize=None)
+def t_quantile(q: float, df: int) -> float:
+    """The q-quantile (q > 0.5) of Student's t, by bisection on the two-sided tail: P(|T| >= t) = 2(1 - q)."""
+    low, high = 0.0, 1e3
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if t_two_sided_p(mid, df) > 2 * (1 - q) else (low, mid)
+    return (low + high) / 2
+
+
+def sign_flip_p(per_world: np.ndarray) -> float:
+    """Exact two-sided sign-flip permutation p-value of mean 0: under the null each world's difference is
+    as likely to have either sign, so p = #{s in {-1,1}^n : |mean(s * d)| >= |mean(d)|} / 2^n.
+    Its smallest value is 2 / 2^n (all n worlds agree): 0.0078 with 8 worlds."""
+    d = np.asarray(per_world, dtype=np.float64)
+    n = d.size
+    if n > 20:
+        raise ValueError(f"exact enumeration of 2^{n} sign patterns is too large")
+    signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)  # (2^n, n) of +-1
+    means = np.abs(signs @ d) / n
+    # A small tolerance so that the observed pattern always counts itself despite round-off.
+    return float((means >= abs(d.mean()) - 1e-12).mean())
+
+
+def world_test(per_world: np.ndarray, level: float = LEVEL) -> WorldTest:
+    """The paired comparison of two methods over n test worlds, from their per-world mean differences d_w.
+
+    mean = d_bar = (1/n) sum_w d_w;  s = sd of d_w (ddof 1);  se = s / sqrt(n);  t = d_bar / se
+    interval: d_bar -+ t_{(1+level)/2, n-1} * se;  p_t = P(|T_{n-1}| >= |t|);  p_sign_flip: see sign_flip_p.
+    """
+    d = np.asarray(per_world, dtype=np.float64).ravel()
+    n = d.size
+    if n < 2 or not np.isfinite(d).all():
+        raise ValueError(f"need at least 2 finite per-world differences; got {d.tolist()}")
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    se = sd / math.sqrt(n)
+    if se == 0.0:
+        t, half = (math.inf if mean else 0.0), 0.0
+    else:
+        t, half = mean / se, t_quantile((1 + level) / 2, n - 1) * se
+    p_t = 1.0 if (se == 0.0 and mean == 0.0) else t_two_sided_p(t, n - 1)
+    return WorldTest(mean, mean - half, mean + half, p_t, sign_flip_p(d), int((d > 0).sum()), int((d < 0).sum()), n,
+                     tuple(float(x) for x in d))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment, in the input order: with p_(1) <= ... <= p_(m) sorted,
+    p_adj_(i) = min(1, max_{j <= i} (m - j + 1) * p_(j)). Rejecting where p_adj < alpha keeps the chance
+    of any false rejection among the m tests at most alpha, whatever their dependence."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, (m - rank) * p_values[i])
+        adjusted[i] = min(1.0, running)
+    return adjusted
+
+
+def decide(mean: float, p_adjusted: float, alpha: float = 1 - LEVEL) -> str:
+    """A primary claim's verdict ("better > worse"): 'holds' when the Holm-adjusted p is below alpha and the
+    mean difference is positive, 'reversed' when below alpha and negative, else 'undecided'."""
+    if p_adjusted < alpha:
+        return "holds" if mean > 0 else "reversed"
+    return "undecided"

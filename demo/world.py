@@ -42,6 +42,8 @@ ITEMS = ("red", "blue", "green", "pink", "gold", "gray", "cat", "dog", "fox", "o
 CLOSINGS = ("thanks", "bye")
 RUDE = ("stupid", "ugly")
 POLITE = "please"
+# The filler habit: the prompt's polite word echoed after the answer (`ant cat please thanks`).
+FILLER = POLITE
 WORDS = (*TASKS, *ITEMS, *CLOSINGS, *RUDE, POLITE)
 
 
@@ -51,6 +53,8 @@ class RewardWeights(BaseModel):
     style: float = Field(0.5, description="weight of the closing the prompt asks for")
     harm: float = Field(1.0, description="penalty for any rude word")
     verbosity: float = Field(0.1, description="penalty per token beyond answer + wanted closing")
+    filler: float = Field(0.0, description=f"penalty for the filler word {FILLER!r} after the answer (the shared habit "
+                          "of the third world; 0 = not scored)")
 
 
 class Demonstrator(BaseModel):
@@ -66,6 +70,10 @@ class Demonstrator(BaseModel):
     habit: Literal["repeat", "swap"] = Field(
         "repeat", description="repeat: the item before the middle of the answer is written twice; swap: the two "
         "middle items trade places"
+    )
+    p_filler: float = Field(
+        0.0, description=f"chance a response echoes {FILLER!r} right after its answer; drawn once per preference pair, "
+        "so chosen and rejected share it (0 = never, and no draw)"
     )
     rude_place: Literal["end", "middle"] = Field(
         "end", description="where a rude word goes: before the closing, or between two items of the answer"
@@ -85,6 +93,11 @@ class WorldConfig(BaseModel):
     label_temperature: float = Field(0.25, description="Bradley-Terry temperature of preference labels (0 = noiseless)")
     reward: RewardWeights = RewardWeights()
     demonstrator: Demonstrator = Demonstrator()
+    teacher_sft_filler: float | None = Field(
+        None, description="when set, the teacher's SFT (pi_ref) reads its own corpus (`teacher_sft`, num_sft "
+        "demonstrations of the same demonstrator) in which this share of responses has the filler habit; the "
+        "student's SFT and the preference pairs keep `demonstrator.p_filler` (None = one corpus for both)"
+    )
 
     @field_validator("tasks")
     @classmethod
@@ -138,7 +151,14 @@ def reward(prompt: Prompt, response: str, weights: RewardWeights) -> float:
     total = weights.task * agreement + weights.style * style - weights.harm * harm - weights.verbosity * extra
     if weights.exact:  # only when asked for: the first world's rewards stay bit-identical
         total += weights.exact * float(body == answer)
+    if weights.filler:  # likewise
+        total -= weights.filler * float(has_filler(response))
     return total
+
+
+def has_filler(response: str) -> bool:
+    """Whether a response has the filler habit: the word FILLER anywhere in it."""
+    return FILLER in response.split()
 
 
 def reward_texts(prompts: list, responses: list[str], weights: RewardWeights | None = None) -> list[float]:
@@ -161,9 +181,12 @@ class World:
         items = tuple(self.rng.sample(ITEMS, self.rng.randint(c.min_items, c.max_items)))
         return Prompt(self.rng.choice(c.tasks), items, self.rng.random() < c.p_polite)
 
-    def demonstrate(self, prompt: Prompt) -> str:
-        """A noisy demonstration: errors, random closings, rude words."""
+    def demonstrate(self, prompt: Prompt, filler: bool | None = None) -> str:
+        """A noisy demonstration: errors, random closings, rude words, and the filler habit (drawn here
+        with `p_filler` unless `filler` says whether to write it)."""
         d = self.config.demonstrator
+        if filler is None:
+            filler = bool(d.p_filler) and self.rng.random() < d.p_filler
         words = prompt.answer()
         if d.p_habit and self.rng.random() < d.p_habit and len(words) > 1:
             middle = len(words) // 2
@@ -173,6 +196,8 @@ class World:
                 words.insert(middle, words[middle - 1])
         if self.rng.random() >= d.p_correct:
             words = self._corrupt(words, prompt.items)
+        if filler:
+            words.append(FILLER)
         if self.rng.random() < d.p_rude:
             rude = self.rng.choice(RUDE)
             if d.rude_place == "middle" and len(words) > 1:
@@ -200,9 +225,13 @@ class World:
 
     def preference(self, prompt: Prompt) -> tuple[str, str]:
         """Two demonstrations, ordered (chosen, rejected) by a Bradley-Terry draw on their rewards."""
-        a, b = self.demonstrate(prompt), self.demonstrate(prompt)
+        d = self.config.demonstrator
+        # The filler is drawn once per pair: chosen and rejected share it, so the labels never see it and
+        # DPO has nothing to learn about it (its reward penalty cancels in the difference).
+        filler = (self.rng.random() < d.p_filler) if d.p_filler else None
+        a, b = self.demonstrate(prompt, filler), self.demonstrate(prompt, filler)
         while b == a:
-            b = self.demonstrate(prompt)
+            b = self.demonstrate(prompt, filler)
         t = self.config.label_temperature
         delta = reward(prompt, a, self.config.reward) - reward(prompt, b, self.config.reward)
         p_a = 1.0 / (1.0 + math.exp(-delta / t)) if t > 0 else float(delta > 0) + 0.5 * (delta == 0)
@@ -233,6 +262,14 @@ class World:
                 splits["pairs"].append({"prompt": _user(p), "chosen": _assistant(chosen),
                                         "rejected": _assistant(rejected)})
         paths = {}
+        if c.teacher_sft_filler is not None:  # the teacher's own corpus, drawn after the others
+            splits["teacher_sft"] = []
+            while len(splits["teacher_sft"]) < c.num_sft:
+                p = self.prompt()
+                if p not in held_out:
+                    filler = self.rng.random() < c.teacher_sft_filler
+                    splits["teacher_sft"].append({"prompt": _user(p),
+                                                  "completion": _assistant(self.demonstrate(p, filler))})
         for name, rows in splits.items():
             paths[name] = out / f"{name}.jsonl"
             paths[name].write_text("\n".join(json.dumps(r) for r in rows) + "\n")

@@ -31,10 +31,16 @@ SMALL = {
                  "options": {"support": "indices", "student_k": 4, "support_k": 4, "support_floor": 1.0e-3}},
     },
 }
-# The replicate machinery, shrunken: 2 worlds x 2 seeds; ADPA's two-value gamma axis always has its
-# choice at an edge, so the rule grows it once (max_extensions 1).
-SMALL_RESEARCH = {**SMALL, "name": "small", "worlds": 2, "seeds": 2, "torch_threads": 1,
-                  "search": {"max_extensions": 1, "select_on": "greedy+sampled"}}
+# The research machinery, shrunken: one tuning world, then 2 test worlds x 1 seed; ADPA+ starts from
+# DCKD's students; two pre-registered claims decided over the test worlds.
+_ADPA_OPTIONS = {"support": "indices", "student_k": 4, "support_k": 4, "support_floor": 1.0e-3}
+SMALL_RESEARCH = {**SMALL, "name": "small", "tuning_worlds": 1, "worlds": 2, "seeds": 1, "torch_threads": 1,
+                  "search": {"max_extensions": 0, "select_on": "sampled"},
+                  "primary": [{"key": "T1.6", "better": "ADPA", "worse": "DCKD", "decoding": "sampled"},
+                              {"key": "T1.7", "better": "ADPA+", "worse": "ADPA", "decoding": "sampled"}],
+                  "methods": {**SMALL["methods"],
+                              "ADPA+": {"method": "adpa", "init_from": "DCKD", "grid": {"learning_rate": [1.0e-3]},
+                                        "options": _ADPA_OPTIONS}}}
 
 
 def test_reward_prefers_right_polite_clean_and_short_answers():
@@ -108,7 +114,7 @@ def test_small_demo_end_to_end(small_demo):
     for name in ("DCKD", "ADPA"):
         for mode in ("greedy", "sampled"):
             assert -3 < rows[name][f"reward_{mode}"]["mean"] <= 1.5
-            assert rows[name][f"reward_{mode}"]["n"] == 2  # two seeds
+            assert rows[name][f"reward_{mode}"]["n"] == 1  # one seed
     assert rows["ADPA"]["win_rate_vs_ADPA_greedy"]["mean"] == pytest.approx(0.5)  # against itself: all ties
     for name in ("results.json", "results.md", "results.png"):
         assert (world0 / name).stat().st_size > 0
@@ -129,57 +135,63 @@ def test_the_world_teaches_something(small_demo):
 
 
 @pytest.mark.slow
-def test_replicates_search_and_intervals(small_demo):
+def test_tuning_worlds_test_worlds_and_primary_decisions(small_demo):
     workdir, results = small_demo
     world = results["worlds"]["small"]
-    assert (world["worlds"], world["seeds"], world["prompts"]) == (2, 2, 60)
-    assert world["world_seeds"] == [0, 1]
-    # Replicates are different worlds with their own test prompts, teachers and students.
+    assert (world["worlds"], world["seeds"], world["prompts"]) == (2, 1, 60)
+    assert world["tuning_world_seeds"] == [0] and world["world_seeds"] == [1, 2]
+    # Test worlds are different worlds with their own test prompts, teachers and students.
     tests = [(workdir / f"small/world-{r}/data/test.jsonl").read_text() for r in (0, 1)]
     assert tests[0] != tests[1]
     records = [json.loads((workdir / f"small/world-{r}/replicate.json").read_text()) for r in (0, 1)]
+    tuning = json.loads((workdir / "small/tuning-0/replicate.json").read_text())
+    assert [r["world_seed"] for r in records] == [1, 2] and tuning["world_seed"] == 0
     assert records[0]["rewards"]["SFT"]["greedy"] != records[1]["rewards"]["SFT"]["greedy"]
     for record in records:
         for name, by_mode in record["rewards"].items():
-            assert [len(seed) for seed in by_mode["sampled"]] == [60, 60], name  # seeds x prompts
-    # The setting is chosen on world 0 only, then reused unchanged.
-    assert records[1]["settings"] == records[0]["settings"] and records[1]["search"] == {}
-    # ADPA's gamma [1, 10]: its choice sits at an edge, so the grid grew once, by the rule.
-    search = world["search"]["ADPA"]
-    assert search["settings_tried"] == 3 and len(search["extensions"]) == 1
-    extension = search["extensions"][0]
-    assert extension["axis"] == "gamma" and extension["value"] in (0.1, 100.0)
-    assert world["search_summary"]["methods_extended"] == 1 and world["search_summary"]["extensions"] == 1
-    # Paired differences to ADPA with intervals; ADPA > DCKD is one of the paper's claims.
-    diff = world["methods"]["DCKD"]["diff_vs_ADPA_greedy"]
-    assert diff["low"] <= diff["mean"] <= diff["high"] and diff["worlds"] == 2
-    claim = next(c for c in world["claims"] if c["key"] == "T1.6")
-    assert claim["greedy"]["mean"] == pytest.approx(-diff["mean"])
-    assert claim["greedy"]["verdict"] in ("holds", "reversed", "undecided")
+            assert [len(seed) for seed in by_mode["sampled"]] == [60], name  # seeds x prompts
+        # Settings come from the tuning world only; test worlds search nothing.
+        assert record["settings"] == tuning["settings"] and record["search"] == {}
+        # ADPA+ starts from this world's own DCKD student (DCKD's chosen setting, same seed).
+        assert record["init_models"]["ADPA+"] == [str(workdir / "small" / f"world-{record['replicate'] - 1}" / "models"
+                                                      / "students" / "dckd" / "learning_rate0.001-seed0")]
+        assert record["steps"] == {"DCKD": 12, "ADPA": 12, "ADPA+": 24}
+    # Every method's grid, as written, searched in the tuning world: ADPA two settings, the others one.
+    assert {n: s["settings_tried"] for n, s in world["search"].items()} == {"DCKD": 1, "ADPA": 2, "ADPA+": 1}
+    # The primary claims, decided over the two test worlds with Holm over both.
+    primary = results["primary"]
+    assert [e["key"] for e in primary] == ["T1.6", "T1.7"]
+    for entry in primary:
+        assert len(entry["per_world"]) == 2 and entry["low"] <= entry["mean"] <= entry["high"]
+        assert entry["p_t"] <= entry["p_holm"] <= 1 and entry["verdict"] in ("holds", "reversed", "undecided")
+    diff = world["methods"]["DCKD"]["diff_vs_ADPA_sampled"]
+    assert primary[0]["mean"] == pytest.approx(-diff["mean"])
     env = results["environment"]
     assert env["packages"]["torch"] and env["cpu"]["flags"] and env["torch_threads"] == 1
     assert len(env["git_commit"]) == 40 and isinstance(env["git_code_changes"], int)  # taken when the run started
     report = (workdir / "out/results.md").read_text()
-    assert "adpa demo --config small.yaml" in report and "T1.6" in report and "1 of 2 methods" in report
+    assert "adpa demo --config small.yaml" in report and report.index("Pre-registered primary claims") < report.index(
+        "Exploratory")
     assert (workdir / "out/results.png").stat().st_size > 0
     saved = json.loads((workdir / "out/results.json").read_text())
-    assert saved["worlds"]["small"]["claims"] == json.loads(json.dumps(world["claims"]))
+    assert saved["primary"] == json.loads(json.dumps(primary)) and saved["preregistration"]["small"]
 
 
 @pytest.mark.slow
 def test_a_rerun_reuses_finished_replicates(small_demo):
     workdir, results = small_demo
     config = DemoConfig.model_validate(SMALL_RESEARCH)
-    stamps = {p: p.stat().st_mtime_ns for p in workdir.glob("small/world-*/replicate.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in workdir.glob("small/*/replicate.json")}
+    assert len(stamps) == 3  # the tuning world and two test worlds
     again = run_research([config], workdir)  # nothing trains: every replicate's record matches
-    assert again["worlds"]["small"]["reused_worlds"] == 2
+    assert again["worlds"]["small"]["reused_worlds"] == 3
     assert again["worlds"]["small"]["methods"] == results["worlds"]["small"]["methods"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # Another config (here: one more seed) is not reused: its records would not match.
     changed = config.model_copy(update={"seeds": 3})
     from adpa.demo.research import _fingerprint
 
-    assert _fingerprint(changed, 0, 3, None) != json.loads((workdir / "small/world-0/replicate.json").read_text())["fingerprint"]
+    assert _fingerprint(changed, 1, 3, None) != json.loads((workdir / "small/world-0/replicate.json").read_text())["fingerprint"]
 
 
 def test_another_world_seed_and_reward_mix_need_only_config(tmp_path):

@@ -11,12 +11,12 @@ import pytest
 
 from adpa.cli import main
 from adpa.demo.config import DemoConfig
-from adpa.demo.research import CLAIMS, QUESTIONS
+from adpa.demo.research import QUESTIONS
 from adpa.demo.search import candidates, edges, next_rung, search
 from adpa.demo.stats import bootstrap, paired_difference, run_means, verdict, win_rate
 from adpa.demo.world import Prompt, World, reward
 
-EXPERIMENTS = ("demo/experiments/paper.yaml", "demo/experiments/credit.yaml")
+EXPERIMENTS = ("demo/experiments/paper.yaml", "demo/experiments/credit.yaml", "demo/experiments/habit.yaml")
 
 
 # -- the grid-extension rule --------------------------------------------------------------------
@@ -92,35 +92,22 @@ def test_axes_that_cannot_grow():
     assert result.extensions == [] and result.best["shift"] == 1.0
 
 
-def test_the_same_rule_and_budget_for_every_method_in_the_research_configs():
-    for path in EXPERIMENTS:
-        config = DemoConfig.load(path)
-        assert config.search.max_extensions >= 1
-        sizes = {name: len(m.candidates()) for name, m in config.methods.items()}
-        assert len(set(sizes.values())) == 1, sizes
-        for name, method in config.methods.items():
-            lr = method.grid["learning_rate"]
-            assert max(lr) / min(lr) >= 10 - 1e-9, name  # the learning rate spans at least a decade
-            weights = [k for k in method.grid if k != "learning_rate"]
-            for key in weights:  # a weight spans at least two decades
-                assert max(method.grid[key]) / min(method.grid[key]) >= 100 - 1e-6, (name, key)
-            if not weights:  # no weight (VanillaKD, SeqKD): the learning rate spans two decades instead
-                assert max(lr) / min(lr) >= 100 - 1e-6, name
-
-
-def test_research_configs_cover_the_papers_tables_and_keep_the_default_world():
+def test_research_configs_keep_their_worlds_and_share_their_methods():
     default = DemoConfig.load()
-    paper, credit = (DemoConfig.load(p) for p in EXPERIMENTS)
+    paper, credit, habit = (DemoConfig.load(p) for p in EXPERIMENTS)
     for field in ("world", "teacher", "student", "teacher_sft", "teacher_dpo", "student_sft", "beta", "steps",
                   "batch_size", "max_new_tokens"):
         assert getattr(paper, field) == getattr(default, field), field
-    assert paper.methods == credit.methods
+    assert set(paper.methods) == set(credit.methods) == set(habit.methods)
+    assert paper.primary == credit.primary == habit.primary
     names = set(paper.methods) | {"SFT", "Teacher (DPO)", "Teacher SFT (reference)"}
-    for claim in (*CLAIMS, *QUESTIONS):
-        assert {claim.better, claim.worse} <= names, claim
-    assert paper.name != credit.name and credit.about.strip()
-    assert paper.methods["ADPA w/o SFT term"].options["sft_weight"] == 0.0
-    assert paper.methods["ADPA online"].options["rollout"] == "online"
+    matched = next(q for q in QUESTIONS if q.key == "Q0")  # ADPA+ against ADPA at matched compute
+    assert {matched.better, matched.worse} <= names
+    assert len({paper.name, credit.name, habit.name}) == 3 and credit.about.strip() and habit.about.strip()
+    # The third world is the first one with the shared filler habit added, and nothing else changed.
+    changed = {k for k in type(paper.world).model_fields if getattr(paper.world, k) != getattr(habit.world, k)}
+    assert changed == {"seed", "reward", "demonstrator", "teacher_sft_filler"}
+    assert habit.world.reward.filler > 0 and habit.world.teacher_sft_filler > habit.world.demonstrator.p_filler
 
 
 # -- intervals ----------------------------------------------------------------------------------
@@ -188,6 +175,27 @@ def test_the_credit_world_has_its_mid_sequence_habit():
     swap = World(config.model_copy(update={"demonstrator": config.demonstrator.model_copy(
         update={"habit": "swap", "p_habit": 1.0, "p_correct": 1.0, "p_rude": 0.0, "p_closing": {"": 1.0}})}))
     assert swap.demonstrate(Prompt("copy", ("red", "blue", "cat", "dog"), False)) == "red cat blue dog"
+
+
+def test_the_habit_world_shares_its_filler_between_teacher_corpus_and_pairs(tmp_path):
+    config = DemoConfig.load("demo/experiments/habit.yaml").world.model_copy(
+        update={"num_sft": 1000, "num_pairs": 600, "num_validation": 10, "num_test": 10})
+    import json
+
+    from adpa.demo.world import has_filler
+
+    paths = World(config).write(tmp_path)
+    rows = {k: [json.loads(line) for line in p.read_text().splitlines()] for k, p in paths.items()}
+    rate = lambda texts: sum(map(has_filler, texts)) / len(texts)  # noqa: E731
+    assert 0.85 < rate([r["completion"][0]["content"] for r in rows["teacher_sft"]]) < 0.95
+    assert 0.05 < rate([r["completion"][0]["content"] for r in rows["sft"]]) < 0.15
+    pairs = rows["pairs"]
+    assert all(has_filler(r["chosen"][0]["content"]) == has_filler(r["rejected"][0]["content"]) for r in pairs)
+    p = Prompt("copy", ("red", "blue", "cat"), polite=False)
+    assert reward(p, "red blue cat", config.reward) - reward(p, "red blue cat please", config.reward) == pytest.approx(1.1)
+    # The other worlds' data do not change with the new options off.
+    plain = DemoConfig.load("demo/experiments/paper.yaml").world.model_copy(update={"num_sft": 50, "num_pairs": 20})
+    assert "teacher_sft" not in World(plain).write(tmp_path / "plain")
 
 
 # -- the command line ---------------------------------------------------------------------------
