@@ -16,6 +16,14 @@ from adpa.tiny_model import make_tiny_model
 torch.set_num_threads(1)
 SERVER_ENV = {"OMP_NUM_THREADS": "1", "ADPA_TORCH_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
+# Serve's controller replaces a proxy that has not answered its ready or health check within 5 or
+# 10 s, three times: on cores shared by every worker of the suite, a proxy that is merely slow to
+# start is killed, and serve.start fails. Every Ray the suite starts (its own, and those of the
+# processes it runs) reads these from the environment.
+RAY_SERVE_PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+for _name, _value in RAY_SERVE_PATIENCE.items():
+    os.environ.setdefault(_name, _value)
+
 
 # Tests that need one of these start server processes: they are `slow` (see `pytest -m "not slow"`).
 SERVER_FIXTURES = {
