@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml
 # (servers and workers included) and its 20 slowest tests listed.
 # One worker per core. (One more than cores was 40 s faster on 2 cores, but loads them so far that
 # Serve's controller may kill a proxy actor that is slow to start.)
-PYTEST_PARALLEL ?= -n 3 --dist loadfile
+PYTEST_PARALLEL ?= -n auto --dist loadfile
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --cov --cov-report=term --durations=20
 
