@@ -33,8 +33,8 @@ $(STAMP): pyproject.toml
 # The whole suite on every core (pytest-xdist, one test file per worker at a time: a file's module
 # fixtures and the session's local Ray are built once), with line and branch coverage of the package
 # (servers and workers included) and its 20 slowest tests listed.
-# One worker per core. (One more than cores was 40 s faster on 2 cores, but loads them so far that
-# Serve's controller may kill a proxy actor that is slow to start.)
+# One worker per core: the suite is CPU-bound (one more than cores was slower on 2 cores, and a Ray
+# replica then took over a minute to start).
 PYTEST_PARALLEL ?= -n auto --dist loadfile
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --cov --cov-report=term --durations=20

@@ -280,6 +280,10 @@ def test_every_method_end_to_end_and_workers_reproduce_one_process(tmp_path, mon
         return subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(demo_time.subprocess, "run", demo_process)
+    alone = tmp_path / "alone.json"  # no baseline: timed only
+    assert cli_main(["bench", "demo", "--config", str(tmp_path / "jobs2.yaml"), "--out", str(alone),
+                     "--workdir", str(tmp_path / "alone")]) == 0
+    assert "table" not in json.loads(alone.read_text())["runs"][0] and commands.pop()
     out = tmp_path / "time.json"
     assert cli_main(["bench", "demo", "--config", str(tmp_path / "jobs2.yaml"), "--repeats", "2",
                      "--baseline", str(workdirs[2] / "results.json"), "--out", str(out)]) == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -185,7 +186,7 @@ def _one_line_refusal(proc: subprocess.CompletedProcess, *hashes: str) -> str:
 
 @pytest.mark.slow
 def test_a_different_tokenizer_is_refused_in_one_line_with_exit_code_2(tmp_path, real, servers, teacher_path):
-    env = {**SERVER_ENV, "PATH": str(Path(sys.executable).parent)}
+    env = {**os.environ, **SERVER_ENV}
     ours = LocalTeacher.from_paths(str(real["teacher"]), str(real["reference"])).info().model.tokenizer_hash
     theirs = LocalTeacher.from_paths(str(teacher_path), str(teacher_path)).info().model.tokenizer_hash
     serve = subprocess.run(

@@ -209,6 +209,14 @@ def test_http_out_of_range_numbers_are_422_not_500(reference_server, body, where
     assert answer.json()["error"] == "INVALID_ARGUMENT" and where in answer.json()["message"]
 
 
+def test_http_ranges_that_do_not_match_the_sequences_are_refused(reference_server):
+    url = f"http://127.0.0.1:{reference_server.http_port}/v1/score"
+    answer = httpx.post(url, json={"sequences": [[5, 6], [7, 8, 9]], "ranges": [[0, 2]]}, timeout=TIMEOUT_S)
+    assert answer.status_code == 400, answer.text[:300]
+    assert answer.json()["error"] == "INVALID_ARGUMENT"
+    assert "2 sequences but 1 score ranges" in answer.json()["message"]
+
+
 def test_http_size_limits_are_413_and_overload_stays_429(teacher_server):
     """5. Before: 429 for size limits too, which proxies and generic clients retry."""
     url = f"http://127.0.0.1:{teacher_server.http_port}/v1/score"
