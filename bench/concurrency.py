@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -271,6 +272,26 @@ def sampled(groups: dict[str, list[psutil.Process]], roles: list[str], seconds: 
                 shares[role] = stack_shares(path.read_text())
 
 
+def closed_loop(endpoint: str, token: str | None, cycle: list, stop: threading.Event, support: SupportSpec,
+                errors: list[str], timeout: float = 120) -> Iterator[tuple[float, float, list[tuple[int, int]]]]:
+    """A trainer: the requests of `cycle` one after the other, each sent once the last is answered, on
+    a connection of its own, until `stop`. Yields (sent, answered, ranges) per answer (perf_counter
+    seconds); a failed request goes to `errors` and the loop goes on."""
+    with TeacherClient(endpoint, token=token, timeout=timeout) as client:
+        client.info()
+        j = 0
+        while not stop.is_set():
+            seqs, ranges = cycle[j % len(cycle)]
+            j += 1
+            sent = time.perf_counter()
+            try:
+                client.score(seqs, ranges, signal="advantage", support=support)
+            except Exception as err:  # noqa: BLE001 - counted and reported
+                errors.append(repr(err))
+                continue
+            yield sent, time.perf_counter(), ranges
+
+
 def run_point(args, endpoint: str, token: str | None, metrics_url: str, trainers: int, vocab: int,
               groups: dict[str, list[psutil.Process]] | None = None, profile_roles: list[str] | None = None,
               serve_logs: ServeLogs | None = None) -> dict:
@@ -283,23 +304,12 @@ def run_point(args, endpoint: str, token: str | None, metrics_url: str, trainers
     support = SupportSpec("topk", k=args.k)
 
     def trainer(i: int) -> None:
-        cycle = requests_for(args, i, vocab)
-        with TeacherClient(endpoint, token=token, timeout=120) as client:
-            client.info()
-            j = 0
-            while not stop.is_set():
-                seqs, ranges = cycle[j % len(cycle)]
-                j += 1
-                started = time.perf_counter()
-                try:
-                    client.score(seqs, ranges, signal="advantage", support=support)
-                except Exception as err:  # noqa: BLE001 - counted and reported
-                    errors.append(repr(err))
-                    continue
-                if measuring.is_set():
-                    with lock:
-                        latencies.append(time.perf_counter() - started)
-                        positions[0] += sum(e - s for s, e in ranges)
+        for sent, answered, ranges in closed_loop(endpoint, token, requests_for(args, i, vocab), stop, support,
+                                                  errors):
+            if measuring.is_set():
+                with lock:
+                    latencies.append(answered - sent)
+                    positions[0] += sum(e - s for s, e in ranges)
 
     threads = [threading.Thread(target=trainer, args=(i,), daemon=True) for i in range(trainers)]
     for t in threads:

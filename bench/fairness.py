@@ -34,9 +34,9 @@ from types import SimpleNamespace
 import torch
 from transformers.utils import logging as hf_logging
 
-from adpa.bench.concurrency import add_model_args, bench_models, ray_app, ray_cluster, requests_for, standalone
+from adpa.bench.concurrency import (add_model_args, bench_models, closed_loop, ray_app, ray_cluster, requests_for,
+                                   standalone)
 from adpa.bench.report import add_out, benchmark_parser, emit, table_line
-from adpa.client import TeacherClient
 from adpa.protocol import SupportSpec
 
 
@@ -89,20 +89,9 @@ def run_trainers(args, endpoint: str, token: str | None, vocab: int) -> dict:
     support = SupportSpec("topk", k=args.k)
 
     def trainer(i: int) -> None:
-        cycle = trainer_requests(args, i, vocab)
-        with TeacherClient(endpoint, token=token, timeout=300) as client:
-            client.info()
-            j = 0
-            while not stop.is_set():
-                seqs, ranges = cycle[j % len(cycle)]
-                j += 1
-                sent = time.perf_counter()
-                try:
-                    client.score(seqs, ranges, signal="advantage", support=support)
-                except Exception as err:  # noqa: BLE001 - counted and reported
-                    errors.append(repr(err))
-                    continue
-                records[i].append((sent, time.perf_counter(), sum(e - s for s, e in ranges)))
+        for sent, answered, ranges in closed_loop(endpoint, token, trainer_requests(args, i, vocab), stop, support,
+                                                  errors, timeout=300):
+            records[i].append((sent, answered, sum(e - s for s, e in ranges)))
 
     threads = [threading.Thread(target=trainer, args=(i,), daemon=True) for i in range(args.trainers)]
     for t in threads:
