@@ -6,6 +6,8 @@ A run's result does not depend on the schedule: the tables of both are the same,
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import logging.handlers
 import multiprocessing
@@ -233,6 +235,7 @@ def _init_worker(config: DemoConfig, workdir: Path, replicate: int, paths: dict[
     _WORKER = DemoRun(config, workdir, replicate)
     _WORKER.load_world(paths)
     _EVENTS = events
+    atexit.register(gc.freeze)  # exit without the last full collection, as the `adpa` program does (cli.run)
 
 
 def _stage0_in_worker(label: str) -> list[tuple[int, float]]:

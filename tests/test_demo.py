@@ -19,10 +19,10 @@ from adpa.demo.world import Prompt, RewardWeights, World, WorldConfig, reward
 from .conftest import children_unmeasured
 
 SMALL = {
-    "world": {"num_sft": 600, "num_pairs": 300, "num_validation": 20, "num_test": 60},
-    "teacher_sft": {"steps": 150, "lr": 3.0e-3, "batch_size": 32},
-    "teacher_dpo": {"steps": 40, "lr": 1.0e-4, "batch_size": 32, "options": {"beta": 0.1}},
-    "student_sft": {"steps": 60, "lr": 1.0e-2, "batch_size": 32},
+    "world": {"num_sft": 400, "num_pairs": 200, "num_validation": 20, "num_test": 40},
+    "teacher_sft": {"steps": 100, "lr": 3.0e-3, "batch_size": 32},
+    "teacher_dpo": {"steps": 30, "lr": 1.0e-4, "batch_size": 32, "options": {"beta": 0.1}},
+    "student_sft": {"steps": 40, "lr": 1.0e-2, "batch_size": 32},
     "steps": 12,
     "batch_size": 8,
     "methods": {
@@ -138,7 +138,7 @@ def test_the_world_teaches_something(small_demo):
 def test_tuning_worlds_test_worlds_and_primary_decisions(small_demo):
     workdir, results = small_demo
     world = results["worlds"]["small"]
-    assert (world["worlds"], world["seeds"], world["prompts"]) == (2, 1, 60)
+    assert (world["worlds"], world["seeds"], world["prompts"]) == (2, 1, 40)
     assert world["tuning_world_seeds"] == [0] and world["world_seeds"] == [1, 2]
     # Test worlds are different worlds with their own test prompts, teachers and students.
     tests = [(workdir / f"small/world-{r}/data/test.jsonl").read_text() for r in (0, 1)]
@@ -149,7 +149,7 @@ def test_tuning_worlds_test_worlds_and_primary_decisions(small_demo):
     assert records[0]["rewards"]["SFT"]["greedy"] != records[1]["rewards"]["SFT"]["greedy"]
     for record in records:
         for name, by_mode in record["rewards"].items():
-            assert [len(seed) for seed in by_mode["sampled"]] == [60], name  # seeds x prompts
+            assert [len(seed) for seed in by_mode["sampled"]] == [40], name  # seeds x prompts
         # Settings come from the tuning world only; test worlds search nothing.
         assert record["settings"] == tuning["settings"] and record["search"] == {}
         # ADPA+ starts from this world's own DCKD student (DCKD's chosen setting, same seed).

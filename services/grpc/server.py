@@ -121,9 +121,9 @@ class GrpcServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def _watch_reference(self, period_s: float = 5.0) -> None:
+    async def _watch_reference(self) -> None:
         """Keep gRPC health in step with the reference (HTTP /readyz asks it directly)."""
-        loop = asyncio.get_running_loop()
+        loop, period_s = asyncio.get_running_loop(), self.config.reference_check_s
         serving = True
         while not self.frontend.draining:
             await asyncio.sleep(period_s)
