@@ -106,7 +106,7 @@ class ServeConfig(AdpaSettings):
         "/metrics needs the token too"
     )
     reference_token: SecretStr | None = Field(None, description="bearer token for a remote reference")
-    reference_check_s: float = Field(
+    watch_reference_s: float = Field(
         5.0, description="with a remote reference: how often the teacher asks it whether it answers (gRPC health of "
         "adpa.v1.Scorer turns NOT_SERVING while it does not; HTTP /readyz asks it on every probe)"
     )
@@ -174,9 +174,9 @@ class ServeConfig(AdpaSettings):
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if self.min_shared_prefix < 0:
             raise ValueError(f"min_shared_prefix must be >= 0, got {self.min_shared_prefix}")
-        if self.receive_timeout_s <= 0 or self.http_max_body_mb <= 0 or self.reference_check_s <= 0:
-            raise ValueError(f"receive_timeout_s, http_max_body_mb and reference_check_s must be > 0, got "
-                             f"{self.receive_timeout_s}, {self.http_max_body_mb}, {self.reference_check_s}")
+        if self.receive_timeout_s <= 0 or self.http_max_body_mb <= 0 or self.watch_reference_s <= 0:
+            raise ValueError(f"receive_timeout_s, http_max_body_mb and watch_reference_s must be > 0, got "
+                             f"{self.receive_timeout_s}, {self.http_max_body_mb}, {self.watch_reference_s}")
         if self.batch_wait_ms < 0 or self.turn_hold_ms < 0:
             raise ValueError(f"batch_wait_ms and turn_hold_ms must be >= 0, got {self.batch_wait_ms}, "
                              f"{self.turn_hold_ms}")

@@ -45,8 +45,8 @@ def test_secrets_from_env_are_hidden(monkeypatch):
         (["--role", "reference", "--model", "m", "--reference", "r"], "takes no reference"),
         (["--role", "teacher", "--model", "m", "--reference", "r", "--beta", "-1"], "beta must be > 0"),
         (["--role", "reference"], "model"),
-        (["--role", "teacher", "--model", "m", "--reference", "r", "--reference-check-s", "0"],
-         "reference_check_s must be > 0, got 30.0, 4.0, 0.0"),
+        (["--role", "teacher", "--model", "m", "--reference", "r", "--watch-reference-s", "0"],
+         "watch_reference_s must be > 0, got 30.0, 4.0, 0.0"),
     ],
 )
 def test_invalid_configs_name_the_problem(argv, message):

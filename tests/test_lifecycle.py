@@ -146,7 +146,7 @@ def test_teacher_reports_a_lost_reference(tmp_path, teacher_path, reference_path
     reference = ServiceProcess(["--role", "reference", "--model", str(reference_path)], env=SERVER_ENV,
                                log_path=tmp_path / "reference.log", http=False).start()
     teacher = ServiceProcess(["--role", "teacher", "--model", str(teacher_path), "--reference", reference.endpoint,
-                              "--reference-check-s", "0.5"],
+                              "--watch-reference-s", "0.5"],
                              env=SERVER_ENV, log_path=tmp_path / "teacher.log")
     try:
         teacher.start()

@@ -357,6 +357,15 @@ def test_three_trainings_at_once_on_ray_serve(tmp_path, student, records, ray_ap
 # -- autoscaling: replicas follow the callers, and no request fails or runs twice ----------------
 
 
+def test_every_reference_prefixed_setting_names_a_setting_of_the_reference():
+    """build_app gives the reference deployment `reference_X` as its X: a ServeConfig field named
+    reference_* must be such an override (reference_token aside: it comes from the environment)."""
+    from adpa.services.config import ServeConfig
+
+    prefixed = [name for name in ServeConfig.model_fields if name.startswith("reference_") and name != "reference_token"]
+    assert all(name.removeprefix("reference_") in ServeConfig.model_fields for name in prefixed), prefixed
+
+
 def test_ray_autoscale_settings_become_serves_autoscaling_config():
     from adpa.services.config import ServeConfig
     from adpa.services.ray.app import autoscaling_config

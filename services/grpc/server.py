@@ -123,7 +123,7 @@ class GrpcServer:
 
     async def _watch_reference(self) -> None:
         """Keep gRPC health in step with the reference (HTTP /readyz asks it directly)."""
-        loop, period_s = asyncio.get_running_loop(), self.config.reference_check_s
+        loop, period_s = asyncio.get_running_loop(), self.config.watch_reference_s
         serving = True
         while not self.frontend.draining:
             await asyncio.sleep(period_s)
