@@ -38,6 +38,8 @@ def target(teacher_server):
     return f"127.0.0.1:{teacher_server.port}"
 
 
+# Generating inputs is hypothesis' work: traced, the gRPC run took 2.3x longer; the server stays measured.
+@pytest.mark.coverage_elsewhere
 def test_grpc_fuzz_gets_a_proper_status_for_every_input(target):
     before = fuzz.probe(target)
     tally = fuzz.run_grpc(target, GRPC_CASES, vocab=77, fail_fast=True)
@@ -46,6 +48,7 @@ def test_grpc_fuzz_gets_a_proper_status_for_every_input(target):
     assert fuzz.probe(target) == before
 
 
+@pytest.mark.coverage_elsewhere
 def test_http_fuzz_gets_a_proper_status_for_every_input(teacher_server, target):
     before = fuzz.probe(target)
     tally = fuzz.run_http(f"http://127.0.0.1:{teacher_server.http_port}", HTTP_CASES, vocab=77, fail_fast=True)

@@ -264,7 +264,7 @@ def serve_ray_process(tmp_path, teacher_path, reference_path, *flags: str):
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "children_unmeasured.py"), "adpa.cli", "serve", "--ray",
              "--role", "teacher", "--model", str(teacher_path), "--reference", str(reference_path), "--port", str(ports["grpc"]), "--http-port", str(ports["http"]),
-             "--grace-period-s", "5", *flags],
+             "--grace-period-s", "1", *flags],
             env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     try:
@@ -316,7 +316,7 @@ def test_an_over_asking_start_fails_with_one_line(tmp_path, teacher_path, refere
 @pytest.mark.slow
 def test_sigterm_stops_adpa_serve_ray_in_every_state(tmp_path, teacher_path, reference_path):
     """Starting (Ray coming up), then serving degraded with a replica that cannot be placed: each
-    stops within its grace period (5 s, plus Ray's own teardown), and no process of its Ray is left."""
+    stops within its grace period (1 s, plus Ray's own teardown), and no process of its Ray is left."""
     from ray._private.utils import get_num_cpus
 
     with serve_ray_process(tmp_path, teacher_path, reference_path) as (proc, _, log, ray_tmp):
@@ -343,8 +343,8 @@ def test_sigterm_stops_adpa_serve_ray_in_every_state(tmp_path, teacher_path, ref
             time.sleep(1)
         assert "some replicas cannot be placed" in ready.json()["detail"]
         assert "serving degraded" in log.read_text()
-        # The pending replica is dropped after the grace period (5 s); then Serve and Ray stop.
-        assert stopped_cleanly(proc, ray_tmp, within_s=60) < 5 + 15
+        # The pending replica is dropped after the grace period (1 s); then Serve and Ray stop.
+        assert stopped_cleanly(proc, ray_tmp, within_s=60) < 1 + 15
 
 
 def test_three_trainings_at_once_on_ray_serve(tmp_path, student, records, ray_app, alone):
@@ -368,7 +368,7 @@ def test_every_reference_prefixed_setting_names_a_setting_of_the_reference():
 
 def test_ray_autoscale_settings_become_serves_autoscaling_config():
     from adpa.services.config import ServeConfig
-    from adpa.services.ray.app import autoscaling_config
+    from adpa.services.ray.app import autoscaling_config, build_app
     from adpa.services.ray.placement import app_asks
 
     base = {"role": "teacher", "model": "m", "reference": "r", "max_inflight": 32}
@@ -376,6 +376,11 @@ def test_ray_autoscale_settings_become_serves_autoscaling_config():
     assert autoscaling_config(config) == {
         "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16.0,  # half of max_inflight
         "upscale_delay_s": 10.0, "downscale_delay_s": 300.0, "metrics_interval_s": 10.0, "look_back_period_s": 30.0}
+    # The application's teacher deployment gets it instead of a replica count (Serve keeps the
+    # deployment's settings private; the autoscaling test below runs such an application).
+    teacher = build_app({"model": "m", "reference": "r", "max_inflight": 32, "ray_autoscale": "1:4"})._bound_deployment
+    scaling = teacher._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 4, 16.0)
     # The start-up check counts the replicas it starts with; the maximum only warns (nodes may be added).
     assert [a.replicas for a in app_asks(config)] == [1, 1]
     assert [a.replicas for a in app_asks(config, most=True)] == [4, 1]
@@ -404,6 +409,7 @@ def _wait_for(condition, within_s: float, what: str) -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.coverage_elsewhere  # here: Serve's driver side and three clients in a loop
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after_without_a_failure(
         ray_serve, teacher_path, reference_path):
     """Three callers raise the load over the target (1 request per replica): a second replica starts
