@@ -33,11 +33,12 @@ SERVER_FIXTURES = {
 }
 
 
-# pytest-xdist (`--dist loadfile`) hands whole files to its workers in collection order: the longest
-# first, so that the workers finish together rather than one running a long file alone at the end.
-LONGEST_FIRST = ("test_demo.py", "test_ray_serve.py", "test_deploy.py", "test_bench.py", "test_lifecycle.py",
-                 "test_fuzz.py", "test_distributed.py", "test_reliability.py", "test_faults.py",
-                 "test_real_checkpoints.py", "test_bad_input.py")
+# pytest-xdist (`--dist loadfile --no-loadscope-reorder`, see the Makefile) hands whole files to its
+# workers in collection order: the longest first (by their time in `make test`), so that the workers
+# finish together rather than one running a long file alone at the end.
+LONGEST_FIRST = ("test_ray_serve.py", "test_demo.py", "test_deploy.py", "test_bench.py", "test_reliability.py",
+                 "test_distributed.py", "test_fuzz.py", "test_lifecycle.py", "test_real_checkpoints.py",
+                 "test_bad_input.py", "test_faults.py", "test_training.py", "test_stage0_eval.py", "test_batching.py")
 
 
 def pytest_collection_modifyitems(items) -> None:
