@@ -35,12 +35,12 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # The whole suite on every core (pytest-xdist, one test file per worker at a time: a file's module
-# fixtures and the session's local Ray are built once), with line and branch coverage of the package
-# (servers and workers included) and its 20 slowest tests listed. Files go out in the order
+# fixtures, such as test_ray_serve.py's local Ray, are built once), with line and branch coverage of
+# the package (servers and workers included) and its 20 slowest tests listed. Files go out in the order
 # tests/conftest.py gives them, longest first (by default xdist sends the files with most tests
 # first, which left the longest file for last).
 # One worker per core: the suite is CPU-bound. Three workers on 2 cores finished a little sooner in
-# one run, but the session's Ray application then took 90 s to start, and in another a replica took
+# one run, but the Ray tests' application then took 90 s to start, and in another a replica took
 # over a minute: too close to the Ray tests' limits to be dependable.
 PYTEST_PARALLEL ?= -n auto --dist loadfile --no-loadscope-reorder
 test: $(STAMP)

@@ -205,9 +205,11 @@ def module_children_unmeasured():
         yield
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_serve(tmp_path_factory):
-    """One local Ray with Serve (gRPC and HTTP proxies on free loopback ports) for the session."""
+    """One local Ray with Serve (gRPC and HTTP proxies on free loopback ports) for a test module
+    (test_ray_serve.py): stopped after it, since an idle Ray with its application still takes about
+    an eighth of a core, from the other tests of its worker."""
     import ray
     from ray import serve
 
@@ -231,9 +233,9 @@ def ray_serve(tmp_path_factory):
             ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_app(ray_serve, teacher_path, reference_path):
-    """The adpa application (2 teacher replicas, 1 reference) on the session's Ray, as deploy/serve.yaml
+    """The adpa application (2 teacher replicas, 1 reference) on the module's Ray, as deploy/serve.yaml
     would start it; yields its endpoints."""
     from ray import serve
 

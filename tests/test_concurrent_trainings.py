@@ -1,6 +1,6 @@
 """Three student trainings at once against one teacher end with the weights each reaches alone: the
 signals a trainer gets do not depend on who shared its batches. (The same on Ray Serve is in
-test_ray_serve.py, with the other tests on the session's Ray: `make test` runs each file in one
+test_ray_serve.py, with the other tests on that module's Ray: `make test` runs each file in one
 pytest-xdist worker.)
 
 The trainings run as threads of this process (DistillTrainer holds no global state that two
