@@ -6,6 +6,7 @@ full fp32 log-softmax, and builds every expected value from it directly.
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -186,6 +187,8 @@ def test_remote_and_local_reference_agree(teacher, local_teacher_server):
             b = local.score(SEQUENCES, RANGES, signal="advantage", support=spec)
             assert a.reference == b.reference
             torch.testing.assert_close(a.values, b.values, atol=1e-6, rtol=0)
+    # A reference in the teacher's own process is always ready: readiness does not wait on it.
+    assert httpx.get(f"http://127.0.0.1:{local_teacher_server.http_port}/readyz", timeout=10).status_code == 200
 
 
 def test_reference_service_logprobs(reference, dense):
