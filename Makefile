@@ -34,8 +34,9 @@ $(STAMP): pyproject.toml
 	  echo "installing with pip"; \
 	  $(BIN)/python -m pip install -q "$(TORCH_SPEC)" && $(BIN)/python -m pip install -q -e ".[dev]"; \
 	fi
+	@# torch ships a few files for newer Pythons that do not compile here: their errors are expected.
 	site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
-	  $(BIN)/python -m compileall -q -j 0 $(addprefix $$site/,$(COMPILED)) > /dev/null
+	  $(BIN)/python -m compileall -q -j 0 $(addprefix $$site/,$(COMPILED)) > /dev/null || true
 	touch $@
 
 # The whole suite on every core (pytest-xdist, one test file per worker at a time: a file's module
