@@ -47,7 +47,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers.utils import logging as hf_logging
 
-from adpa.bench.report import add_out, benchmark_parser, emit, table_line
+from adpa.bench.report import add_out, benchmark_parser, comma_choices, emit, table_line
 from adpa.client import TeacherClient
 from adpa.protocol import SupportSpec
 from adpa.services.launch import ServiceProcess, free_port
@@ -533,10 +533,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()
     trainer_counts = [int(n) for n in args.trainers.split(",")]
-    modes = args.modes.split(",")
-    unknown = set(modes) - {"standalone", "ray", "ray-plain"} | set(args.batching.split(",")) - {"on", "off"}
-    if unknown:
-        raise SystemExit(f"unknown --modes / --batching value(s): {sorted(unknown)}")
+    modes = comma_choices(args.modes, ("standalone", "ray", "ray-plain"), "--modes")
+    batchings = comma_choices(args.batching, ("on", "off"), "--batching")
     points = []
     with tempfile.TemporaryDirectory(prefix="adpa-bench-") as tmp:
         work = Path(args.workdir or tmp)
@@ -545,7 +543,7 @@ def main(argv=None) -> int:
             with ExitStack() as stack:
                 on_ray = mode.startswith("ray")
                 cluster = stack.enter_context(ray_cluster(work, plain=mode == "ray-plain")) if on_ray else None
-                for batching in args.batching.split(","):
+                for batching in batchings:
                     on = batching == "on"
                     server = (ray_app(args, cluster, teacher, reference, on) if on_ray
                               else standalone(args, work, teacher, reference, on))

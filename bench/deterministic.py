@@ -32,7 +32,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from adpa.bench.concurrency import add_model_args, bench_models, run_point, standalone
-from adpa.bench.report import add_out, benchmark_parser, emit, table_line
+from adpa.bench.report import add_out, benchmark_parser, comma_choices, emit, table_line
 from adpa.client import TeacherClient
 from adpa.protocol import ScoreResult, SupportSpec
 
@@ -119,9 +119,7 @@ def burst(args, endpoint: str, requests: list[dict]) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()
-    settings = args.settings.split(",")
-    if set(settings) - {"default", "deterministic"}:
-        raise SystemExit(f"unknown --settings value(s): {sorted(set(settings) - {'default', 'deterministic'})}")
+    settings = comma_choices(args.settings, ("default", "deterministic"), "--settings")
     runs = []
     with tempfile.TemporaryDirectory(prefix="adpa-bench-") as tmp:
         work = Path(args.workdir or tmp)

@@ -36,7 +36,7 @@ from transformers.utils import logging as hf_logging
 
 from adpa.bench.concurrency import (add_model_args, bench_models, closed_loop, ray_app, ray_cluster, requests_for,
                                    standalone)
-from adpa.bench.report import add_out, benchmark_parser, emit, table_line
+from adpa.bench.report import add_out, benchmark_parser, comma_choices, emit, table_line
 from adpa.protocol import SupportSpec
 
 
@@ -139,9 +139,7 @@ def print_table(doc: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()
-    modes = args.modes.split(",")
-    if set(modes) - {"standalone", "ray"}:
-        raise SystemExit(f"unknown --modes value(s): {sorted(set(modes) - {'standalone', 'ray'})}")
+    modes = comma_choices(args.modes, ("standalone", "ray"), "--modes")
     runs = []
     with tempfile.TemporaryDirectory(prefix="adpa-bench-") as tmp:
         work = Path(args.workdir or tmp)

@@ -22,6 +22,15 @@ def add_out(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="write the JSON here instead of stdout")
 
 
+def comma_choices(value: str, choices: tuple[str, ...], flag: str) -> list[str]:
+    """The comma-separated `value` of `flag` as a list; exits naming any value not in `choices`."""
+    values = value.split(",")
+    unknown = sorted(set(values) - set(choices))
+    if unknown:
+        raise SystemExit(f"unknown {flag} value(s): {unknown}; expected some of {list(choices)}")
+    return values
+
+
 def table_line(line: str = "") -> None:
     """One line of a benchmark's table: on stderr, so that stdout holds only the JSON."""
     print(line, file=sys.stderr)

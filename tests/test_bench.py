@@ -41,6 +41,13 @@ def test_an_unknown_benchmark_names_the_known_ones(capsys):
     assert "unknown benchmark 'nope'" in err and "serving" in err
 
 
+@pytest.mark.parametrize("bench, flag, known", [("concurrency", "--batching", "on"), ("fairness", "--modes", "ray"),
+                                                 ("deterministic", "--settings", "deterministic")])
+def test_an_unknown_list_value_is_named_before_any_work(bench, flag, known):
+    with pytest.raises(SystemExit, match=rf"unknown {flag} value\(s\): \['nope'\]; expected some of .*'{known}'"):
+        cli_main(["bench", bench, flag, f"{known},nope"])
+
+
 @pytest.mark.parametrize("name", ["fuzz", "soak"])
 def test_the_robustness_checks_are_no_benchmarks_and_say_where_they_went(name, capsys):
     assert name not in names() and (ROOT / "robustness" / f"{name}.py").is_file()
