@@ -12,6 +12,7 @@ its HTTP proxy on `host:http_port`, deploys `build_app`, and on SIGTERM, whateve
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -102,6 +103,25 @@ def watch(stop: threading.Event, warning: str | None, period_s: float = 1.0, rem
     return 0
 
 
+@contextlib.contextmanager
+def _keep_stop_handler_while_ray_starts():
+    """ray.init installs a SIGTERM handler that raises SystemExit wherever the main thread happens
+    to be. Raised inside a finalizer (logging's lock release, a __del__), Python only prints it
+    ("Exception ignored in"): the stop was lost and the process went on to serve. While Ray starts,
+    keep stop_requested's handler instead, which only sets the event checked after ray.init."""
+    import ray._private.utils as ray_utils
+
+    install = getattr(ray_utils, "set_sigterm_handler", None)
+    if install is None:  # another Ray: its own handler, and the SystemExit path, as before
+        yield
+        return
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = install
+
+
 def serve_on_ray(config: ServeConfig) -> int:
     """Start (or join) Ray, deploy, serve until SIGTERM or SIGINT, then delete the application and
     stop a local Ray this started. Returns the exit code: 2 when the deployments cannot all be
@@ -129,12 +149,13 @@ def serve_on_ray(config: ServeConfig) -> int:
     code = 0
     try:
         try:
-            ray.init(address=config.ray_address, include_dashboard=False,
-                     runtime_env={"env_vars": secret_env(config)} if secret_env(config) else None)
-        except SystemExit:  # ray.init's own SIGTERM handler: a stop asked for while Ray starts
+            with _keep_stop_handler_while_ray_starts():
+                ray.init(address=config.ray_address, include_dashboard=False,
+                         runtime_env={"env_vars": secret_env(config)} if secret_env(config) else None)
+        except SystemExit:  # a Ray whose own SIGTERM handler was installed after all: it raises this
             return 0
-        stop = stop_requested(stop)  # ray.init replaced the handlers with its own (exit at once)
-        if stop.is_set():
+        stop = stop_requested(stop)  # in case ray.init replaced the handlers anyway
+        if stop.is_set():  # asked for while Ray started
             return 0
         warning = shortfall(app_asks(config), ray.cluster_resources())
         if not config.ray_allow_degraded and refuse_shortfall(warning):
