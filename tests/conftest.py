@@ -25,6 +25,11 @@ RAY_SERVE_PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_SERVE_
 for _name, _value in RAY_SERVE_PATIENCE.items():
     os.environ.setdefault(_name, _value)
 
+# Every process the suite starts (xdist's workers included, which start after this file is read)
+# imports what is not `adpa` untraced: see tests/untraced_imports/sitecustomize.py.
+UNTRACED_IMPORTS = str(Path(__file__).parent / "untraced_imports")
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [UNTRACED_IMPORTS, os.environ.get("PYTHONPATH")]))
+
 
 # Tests that need one of these start server processes: they are `slow` (see `pytest -m "not slow"`).
 SERVER_FIXTURES = {
