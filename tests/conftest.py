@@ -6,15 +6,18 @@ import contextlib
 import gc
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
 
-from adpa.services.launch import ServiceProcess
-from adpa.tiny_model import make_tiny_model
+if TYPE_CHECKING:
+    from adpa.services.launch import ServiceProcess
 
-# Two cores: keep this process and the servers it starts from oversubscribing them.
-torch.set_num_threads(1)
+# This file imports neither torch nor the package at its top: xdist's controller reads it before it
+# starts the workers, and runs no test (importing them took it about 4 s, before any worker started).
+
+# Two cores: keep the servers a test process starts from oversubscribing them (one_torch_thread: the
+# test process itself).
 SERVER_ENV = {"OMP_NUM_THREADS": "1", "ADPA_TORCH_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 # Serve's controller replaces a proxy that has not answered its ready or health check within 5 or
@@ -61,6 +64,13 @@ def pytest_collection_finish(session) -> None:
     gc.freeze()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
@@ -68,18 +78,22 @@ def models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def teacher_path(models_dir) -> Path:
+    from adpa.tiny_model import make_tiny_model
+
     return make_tiny_model(models_dir / "teacher", layers=2, hidden=64, seed=1)
 
 
 @pytest.fixture(scope="session")
 def reference_path(models_dir) -> Path:
+    from adpa.tiny_model import make_tiny_model
+
     return make_tiny_model(models_dir / "reference", layers=2, hidden=64, seed=2)
 
 
 @pytest.fixture(scope="session")
 def other_tokenizer_path(models_dir) -> Path:
     """A model whose tokenizer has one extra word: every fingerprint check must refuse it."""
-    from adpa.tiny_model import DEFAULT_WORDS
+    from adpa.tiny_model import DEFAULT_WORDS, make_tiny_model
 
     return make_tiny_model(models_dir / "other", seed=3, words=[*DEFAULT_WORDS, "zebra"])
 
@@ -99,6 +113,8 @@ def metric_value(http_port: int, name: str, **labels: str) -> float:
 
 
 def start_service(tmp_path_factory, args: list[str], env: dict[str, str] | None = None) -> ServiceProcess:
+    from adpa.services.launch import ServiceProcess
+
     log = tmp_path_factory.mktemp("logs") / "serve.log"
     return ServiceProcess(args, env={**SERVER_ENV, **(env or {})}, log_path=log).start()
 
