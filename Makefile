@@ -25,7 +25,7 @@ install: $(STAMP)
 # compile them again.
 unexport PYTHONDONTWRITEBYTECODE
 COMPILED := torch transformers ray
-NOT_COMPILED := transformers/models/(?!auto/|llama/|qwen2/)[^/]+/|ray/(rllib|tune|train|data|air|llm)/|torch/(testing|onnx)/
+NOT_COMPILED := transformers/models/(?!auto/|llama/|qwen2/)[^/]+/|ray/(rllib|tune|train|data|air|llm)/
 INSTALLER ?= uv
 
 $(STAMP): pyproject.toml

@@ -48,10 +48,13 @@ SERVER_FIXTURES = {
 
 # pytest-xdist (`--dist loadfile --no-loadscope-reorder`, see the Makefile) hands whole files to its
 # workers in collection order: the longest first (by their time in `make test`), so that the workers
-# finish together rather than one running a long file alone at the end.
+# finish together rather than one running a long file alone at the end. test_batching.py mostly
+# waits (timed batch windows): it goes early, where the other worker's servers use the idle core;
+# test_signals.py starts session servers of its own (local_teacher_server): not in the last seconds.
 LONGEST_FIRST = ("test_ray_serve.py", "test_demo.py", "test_deploy.py", "test_bench.py", "test_reliability.py",
-                 "test_distributed.py", "test_fuzz.py", "test_lifecycle.py", "test_real_checkpoints.py",
-                 "test_bad_input.py", "test_faults.py", "test_training.py", "test_stage0_eval.py", "test_batching.py")
+                 "test_batching.py", "test_distributed.py", "test_fuzz.py", "test_lifecycle.py",
+                 "test_real_checkpoints.py", "test_signals.py", "test_faults.py", "test_bad_input.py",
+                 "test_training.py", "test_stage0_eval.py", "test_layers.py")
 
 
 def pytest_collection_modifyitems(items) -> None:
