@@ -105,6 +105,32 @@ def test_missed_deadline_is_deadline_exceeded(slow_server):
     assert [after - was for after, was in zip(counts(), before)] == [1, 1, 5]
 
 
+def test_a_caller_that_leaves_stops_the_work(slow_server):
+    """No deadline: the caller cancels its call while it runs. The server's task is cancelled and the
+    work stops between micro-batches (CANCELLED), instead of running to its end."""
+    distinct = [torch.randint(7, 77, (250,), generator=torch.Generator().manual_seed(100 + i)) for i in range(2048)]
+    huge = ScoreQuery(sequences=distinct, ranges=[(249, 250)] * 2048, signal="logprobs",  # seconds of forwards
+                      support=SupportSpec("topk", k=4))
+
+    def counts() -> list[float]:
+        port = slow_server.http_port
+        return [*(metric_value(port, "adpa_requests_total", code=code, transport="grpc", method="Score")
+                  for code in ("CANCELLED", "OK")), metric_value(port, "adpa_scored_positions_total")]
+
+    before = counts()
+    with grpc.insecure_channel(f"127.0.0.1:{slow_server.port}") as channel:
+        call = scoring_pb2_grpc.ScorerStub(channel).Score.future(codec.query_to_pb(huge))
+        waited = time.monotonic() + 60
+        while metric_value(slow_server.http_port, "adpa_inflight_requests") < 1:  # admitted: queued or running
+            assert not call.done() and time.monotonic() < waited
+            time.sleep(0.05)
+        assert call.cancel()
+    with TeacherClient(slow_server.endpoint, backoff_s=0.01, max_retries=50) as client:
+        answer = client.score(HEAVY[:1], [(0, 5)], support=SupportSpec("topk", k=2))
+    assert answer.indices.shape == (5, 2)
+    assert [after - was for after, was in zip(counts(), before)] == [1, 1, 5]
+
+
 def test_sigterm_finishes_running_work_then_exits(slow_server):
     outcome = {}
     with grpc.insecure_channel(f"127.0.0.1:{slow_server.port}") as channel:
