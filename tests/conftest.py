@@ -25,12 +25,12 @@ SERVER_ENV = {"OMP_NUM_THREADS": "1", "ADPA_TORCH_THREADS": "1", "TOKENIZERS_PAR
 # - Serve's controller replaces a proxy that has not answered its ready or health check within 5 or
 #   10 s, three times: on cores shared by every worker of the suite, a proxy that is merely slow to
 #   start is killed, and serve.start fails.
-# - Ray runs its workers (Serve's controller, proxies and replicas) at nice 15: behind a busy test
-#   process they starved, and a test that loads a replica in a loop until Serve adds another took
-#   from 33 to 48 s, and CPU all along.
-RAY_SERVE_PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
-                      "RAY_worker_niceness": "0"}
-for _name, _value in RAY_SERVE_PATIENCE.items():
+# - Ray runs its workers (Serve's controller, proxies and replicas) at nice 15: behind busy test
+#   processes they starved. The autoscaling test, which loads a replica in a loop until Serve adds
+#   another, took 33-48 s of CPU-burning waits; at nice 0, 30-31 s.
+RAY_ON_SHARED_CORES = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+                       "RAY_worker_niceness": "0"}
+for _name, _value in RAY_ON_SHARED_CORES.items():
     os.environ.setdefault(_name, _value)
 
 # Every process the suite starts (xdist's workers included, which start after this file is read)

@@ -41,7 +41,7 @@ import yaml
 
 from adpa.services.launch import free_port
 
-from .conftest import RAY_SERVE_PATIENCE
+from .conftest import RAY_ON_SHARED_CORES
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -838,7 +838,7 @@ def test_the_ray_profile_serves_the_application(tmp_path, volumes):
     # Ray's own files in a short private folder (test-only: a container has its own /tmp).
     ray_tmp = Path(tempfile.mkdtemp(prefix="adpa-ray-"))
     model = compose_model(interpolation_env(token), cpu=True, profiles=("ray",))
-    stack = Stack(model, tmp_path, volumes, extra_env={"RAY_TMPDIR": str(ray_tmp), **RAY_SERVE_PATIENCE})
+    stack = Stack(model, tmp_path, volumes, extra_env={"RAY_TMPDIR": str(ray_tmp), **RAY_ON_SHARED_CORES})
     try:
         stack.start("teacher-ray")
         stack.wait_healthy("teacher-ray", timeout=240)
