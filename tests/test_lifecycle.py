@@ -80,29 +80,34 @@ def test_overload_is_refused_with_a_retry_hint(slow_server):
     assert all(torch.equal(r.indices, results[0].indices) for r in results)
 
 
+def score_counts(server, code: str) -> list[float]:
+    """Score calls that ended `code`, Score calls answered OK, positions scored: the server is shared,
+    so a test compares what it adds."""
+    return [*(metric_value(server.http_port, "adpa_requests_total", code=c, transport="grpc", method="Score")
+              for c in (code, "OK")), metric_value(server.http_port, "adpa_scored_positions_total")]
+
+
+def assert_abandoned_then_answering(server, code: str, before: list[float]) -> None:
+    """The abandoned call ended `code` with none of its positions answered, and the server answers
+    the next one (the client retries while the abandoned call still holds the only slot)."""
+    with TeacherClient(server.endpoint, backoff_s=0.01, max_retries=50) as client:
+        answer = client.score(HEAVY[:1], [(0, 5)], support=SupportSpec("topk", k=2))
+    assert answer.indices.shape == (5, 2)
+    assert [after - was for after, was in zip(score_counts(server, code), before)] == [1, 1, 5]
+
+
 def test_missed_deadline_is_deadline_exceeded(slow_server):
     # ~1.5 s of forwards on 2 cores (512 micro-batches), one scored position each.
     huge = ScoreQuery(sequences=HEAVY * 8, ranges=[(249, 250)] * 512, signal="logprobs",
                       support=SupportSpec("topk", k=4))
-
-    def counts() -> list[float]:  # the server is shared: what this test adds is compared
-        port = slow_server.http_port
-        return [*(metric_value(port, "adpa_requests_total", code=code, transport="grpc", method="Score")
-                  for code in ("DEADLINE_EXCEEDED", "OK")), metric_value(port, "adpa_scored_positions_total")]
-
-    before = counts()
+    before = score_counts(slow_server, "DEADLINE_EXCEEDED")
     with grpc.insecure_channel(f"127.0.0.1:{slow_server.port}") as channel:
         stub = scoring_pb2_grpc.ScorerStub(channel)
         with pytest.raises(grpc.RpcError) as err:
             stub.Score(codec.query_to_pb(huge), timeout=0.1)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    # The server abandons the expired request between micro-batches and answers the next one
-    # (the client retries while the abandoned request still holds the only slot).
-    with TeacherClient(slow_server.endpoint, backoff_s=0.01, max_retries=50) as client:
-        answer = client.score(HEAVY[:1], [(0, 5)], support=SupportSpec("topk", k=2))
-    assert answer.indices.shape == (5, 2)
-    # Abandoned, not finished: it ended DEADLINE_EXCEEDED and none of its 512 positions was answered.
-    assert [after - was for after, was in zip(counts(), before)] == [1, 1, 5]
+    # The server abandons the expired request between micro-batches.
+    assert_abandoned_then_answering(slow_server, "DEADLINE_EXCEEDED", before)
 
 
 def test_a_caller_that_leaves_stops_the_work(slow_server):
@@ -111,13 +116,7 @@ def test_a_caller_that_leaves_stops_the_work(slow_server):
     distinct = [torch.randint(7, 77, (250,), generator=torch.Generator().manual_seed(100 + i)) for i in range(2048)]
     huge = ScoreQuery(sequences=distinct, ranges=[(249, 250)] * 2048, signal="logprobs",  # seconds of forwards
                       support=SupportSpec("topk", k=4))
-
-    def counts() -> list[float]:
-        port = slow_server.http_port
-        return [*(metric_value(port, "adpa_requests_total", code=code, transport="grpc", method="Score")
-                  for code in ("CANCELLED", "OK")), metric_value(port, "adpa_scored_positions_total")]
-
-    before = counts()
+    before = score_counts(slow_server, "CANCELLED")
     with grpc.insecure_channel(f"127.0.0.1:{slow_server.port}") as channel:
         call = scoring_pb2_grpc.ScorerStub(channel).Score.future(codec.query_to_pb(huge))
         waited = time.monotonic() + 60
@@ -125,10 +124,7 @@ def test_a_caller_that_leaves_stops_the_work(slow_server):
             assert not call.done() and time.monotonic() < waited
             time.sleep(0.05)
         assert call.cancel()
-    with TeacherClient(slow_server.endpoint, backoff_s=0.01, max_retries=50) as client:
-        answer = client.score(HEAVY[:1], [(0, 5)], support=SupportSpec("topk", k=2))
-    assert answer.indices.shape == (5, 2)
-    assert [after - was for after, was in zip(counts(), before)] == [1, 1, 5]
+    assert_abandoned_then_answering(slow_server, "CANCELLED", before)
 
 
 def test_sigterm_finishes_running_work_then_exits(slow_server):
