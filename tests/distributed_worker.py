@@ -14,6 +14,7 @@ unwrapping and synced generation are exercised on sharded parameters.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -160,5 +161,11 @@ def generate(spec: dict) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    # The libraries every mode runs on, imported with Python's cyclic collector off, then frozen: each
+    # Trainer.train starts with a full collection (accelerate's free_memory) that would walk them all.
+    gc.disable()
+    import adpa.training.cli  # noqa: F401
+    gc.freeze()
+    gc.enable()
     mode, path = sys.argv[1], sys.argv[2]
     {"train": train, "generate": generate, "compare": compare}[mode](json.loads(Path(path).read_text()))

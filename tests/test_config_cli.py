@@ -83,6 +83,27 @@ def test_the_console_script_runs():
     assert proc.returncode == 0 and proc.stdout.startswith("adpa ")
 
 
+def test_what_the_program_loads_for_life_is_imported_without_collections_and_frozen():
+    """`adpa`'s start-up imports (torch, transformers, the server stack) run with Python's cyclic
+    collector off and end frozen; the collector is on again after, or stays off if it was."""
+    import gc
+
+    from adpa.cli import _loading_for_life
+
+    frozen = gc.get_freeze_count()
+    with _loading_for_life():
+        assert not gc.isenabled()
+        made = [[] for _ in range(1000)]  # objects the collector tracks, made while loading
+    assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(made)
+    gc.disable()
+    try:
+        with _loading_for_life():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_an_empty_environment_variable_is_unset(monkeypatch):
     """`ADPA_AUTH_TOKEN=` (an empty line in a compose .env) must not turn auth on with an empty token."""
     monkeypatch.setenv("ADPA_AUTH_TOKEN", "")
