@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -16,13 +17,17 @@ import time
 from pathlib import Path
 
 import grpc
+import psutil
 
 from adpa.v1 import scoring_pb2, scoring_pb2_grpc
+
+logger = logging.getLogger(__name__)
 
 
 # Between choosing a port and a server binding it, the port must not be taken. The kernel hands out
 # 32768-60999 (Linux's ip_local_port_range) to every outgoing connection, and Ray's workers listen on
-# 10002-19999: a port from between them is taken meanwhile only by another explicit bind.
+# 10002-19999: a port from between them is taken meanwhile only by another explicit bind (a server
+# given a port chosen the same way, in another process): ServiceProcess then starts its own again.
 _QUIET_PORTS = range(20000, 32768)
 _RANDOM = random.SystemRandom()  # not the seeded module state: processes seeded alike would pick alike
 
@@ -42,6 +47,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _in_use(port: int) -> bool:
+    """Whether another socket holds this loopback port (one in TIME_WAIT does not)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
+
+
 class ServiceProcess:
     """`adpa serve ARGS --port P --http-port H` in a child process; ready once ModelInfo answers."""
 
@@ -56,14 +72,21 @@ class ServiceProcess:
         port: int | None = None,
         http_port: int | None = None,
     ):
-        self.port = port or free_port()  # a given port: e.g. restarting a service where its clients look
-        self.http_port = (http_port or free_port()) if http else 0
-        self.args = [*args, "--port", str(self.port), "--http-port", str(self.http_port)]
+        self.serve_args = args
+        self._given = (port, http_port if http else 0)  # e.g. restarting a service where its clients look
+        self._choose_ports()
         self.env = {**os.environ, **(env or {})}
         self.log_path = Path(log_path) if log_path else None
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen | None = None
         self._log = None
+
+    def _choose_ports(self) -> None:
+        self.port, self.http_port = (given if given is not None else free_port() for given in self._given)
+
+    @property
+    def args(self) -> list[str]:
+        return [*self.serve_args, "--port", str(self.port), "--http-port", str(self.http_port)]
 
     @property
     def endpoint(self) -> str:
@@ -86,13 +109,26 @@ class ServiceProcess:
         return self
 
     def wait_ready(self) -> ServiceProcess:
-        """Block until ModelInfo answers (stopping the process if it exits or times out first)."""
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        """Block until ModelInfo answers (stopping the process if it exits or times out first).
+
+        A port chosen here can be bound by another process before the server binds it: the server
+        then exits at once, naming the port, and is started again on other ports (twice at most)."""
+        retries = 2
+        while True:
+            try:
+                self._wait_ready()
+                return self
+            except BaseException:
+                exited = self.proc.poll() is not None
+                self.stop()
+                lost = [port for port, given in zip((self.port, self.http_port), self._given)
+                        if given is None and _in_use(port)] if exited else []
+                if not (lost and retries):
+                    raise
+            retries -= 1
+            logger.warning("port %s was taken before `adpa serve` bound it: starting it on other ports", lost[0])
+            self._choose_ports()
+            self.launch()
 
     def _wait_ready(self) -> None:
         deadline = self._launched + self.startup_timeout_s
@@ -108,21 +144,26 @@ class ServiceProcess:
                 self._check_alive()
                 try:
                     stub.ModelInfo(scoring_pb2.ModelInfoRequest(), timeout=1.0, metadata=metadata)
-                    break
+                    if self._listens_on(self.port):  # the answer is not another server's, on a port it took first
+                        break
                 except grpc.RpcError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"service on port {self.port} not ready after {self.startup_timeout_s}s")
-                    time.sleep(0.1)
-        # The HTTP side (health, metrics) starts just after gRPC: ready means both answer.
-        while self.http_port:
-            self._check_alive()
-            try:
-                socket.create_connection(("127.0.0.1", self.http_port), timeout=1.0).close()
-                return
-            except OSError:
+                    pass
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"HTTP port {self.http_port} not open after {self.startup_timeout_s}s") from None
-                time.sleep(0.05)
+                    raise TimeoutError(f"service on port {self.port} not ready after {self.startup_timeout_s}s")
+                time.sleep(0.1)
+        # The HTTP side (health, metrics) starts just after gRPC: ready means both listen.
+        while self.http_port and not self._listens_on(self.http_port):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"HTTP port {self.http_port} not open after {self.startup_timeout_s}s")
+            time.sleep(0.05)
+
+    def _listens_on(self, port: int) -> bool:
+        try:
+            sockets = psutil.Process(self.proc.pid).net_connections(kind="tcp")
+        except psutil.Error:  # it has just exited
+            return False
+        return any(s.status == psutil.CONN_LISTEN and s.laddr.port == port for s in sockets)
 
     def _check_alive(self) -> None:
         if self.proc.poll() is not None:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from contextlib import ExitStack
 
@@ -25,12 +26,15 @@ logger = logging.getLogger(__name__)
 class StandaloneServer:
     """gRPC (Scorer, health, reflection) and optionally HTTP in front of one service."""
 
-    def __init__(self, service: ScoringService, config: ServeConfig, metrics: ServiceMetrics | None = None):
-        """`metrics`: those the service's engine reports its batches to (`open_service(observer=...)`)."""
+    def __init__(self, service: ScoringService, config: ServeConfig, metrics: ServiceMetrics | None = None,
+                 http_socket: socket.socket | None = None):
+        """`metrics`: those the service's engine reports its batches to (`open_service(observer=...)`);
+        `http_socket`: bound to `config.http_port` (`http_listener`), where HTTP is served."""
         self.config = config
         token = config.auth_token.get_secret_value() if config.auth_token else None
         self.frontend = Frontend(service, max_inflight=config.max_inflight, metrics=metrics, token=token)
         self.grpc = GrpcServer(self.frontend, config)
+        self._http_socket = http_socket
         self._http = None
         self._http_thread: threading.Thread | None = None
 
@@ -46,7 +50,7 @@ class StandaloneServer:
             info.role, info.model.model_name, info.model.model_hash, info.model.tokenizer_hash,
             info.model.tokenizer_size, info.model.vocab_size, info.model.shared_vocab, self.config.host, self.port,
         )
-        if self.config.http_port:
+        if self._http_socket is not None:
             self._start_http()
 
     def _start_http(self) -> None:
@@ -57,7 +61,8 @@ class StandaloneServer:
         config = self.config
         app = create_app(self.frontend, config)
         self._http = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.http_port, log_level="warning"))
-        self._http_thread = threading.Thread(target=self._http.run, name="adpa-http", daemon=True)
+        self._http_thread = threading.Thread(target=self._http.run, kwargs={"sockets": [self._http_socket]},
+                                             name="adpa-http", daemon=True)
         self._http_thread.start()
         logger.info("HTTP (health, readiness, info, metrics) on %s:%d", self.config.host, self.config.http_port)
 
@@ -81,16 +86,34 @@ class StandaloneServer:
         self.stop()
 
 
+def http_listener(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, for the HTTP side to listen on.
+
+    Bound before the model loads, so that a port in use stops the start-up at once, with an error
+    that names it. (uvicorn binding it itself, in its thread, only logged the error: the server went
+    on without HTTP, and whatever held the port answered the health checks.)"""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)  # as uvicorn
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise OSError(f"HTTP cannot listen on {host}:{port} (--http-port): {err.strerror}") from None
+    return sock
+
+
 def serve(config: ServeConfig) -> None:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with ExitStack() as stack:
         try:
+            http_socket = stack.enter_context(http_listener(config.host, config.http_port)) if config.http_port else None
             metrics = ServiceMetrics()
             service = stack.enter_context(open_service(config, observer=metrics.observe_batch))
+            server = StandaloneServer(service, config, metrics, http_socket)
         except IncompatibleModels as err:  # a refusal, not a fault: one line, exit 2 (as a usage error)
             logger.error("cannot start the %s service: %s", config.role, err)
             raise SystemExit(2) from None
-        except (OSError, ValueError, RuntimeError) as err:  # missing model, tokenizer mismatch, reference down
+        except (OSError, ValueError, RuntimeError) as err:  # a port in use, missing model, tokenizer mismatch, reference down
             logger.error("cannot start the %s service: %s", config.role, err)
             raise SystemExit(1) from None
-        StandaloneServer(service, config, metrics).serve_forever()
+        server.serve_forever()

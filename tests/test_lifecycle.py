@@ -160,6 +160,44 @@ def test_client_fails_over_to_a_live_endpoint(reference_server):
             assert answer.indices.shape == (3, 2)
 
 
+def test_a_port_taken_before_the_server_binds_it(tmp_path, reference_path, monkeypatch):
+    """Another process binds the HTTP port ServiceProcess chose before `adpa serve` does: the server
+    stops at once with one line naming the port (it used to serve gRPC alone, while the other process
+    answered its HTTP checks), and ServiceProcess starts it again on other ports. A port in use that
+    was given, not chosen, fails the start: no second try, and the gRPC side names it too."""
+    import socket
+
+    import httpx
+
+    from adpa.services import launch
+
+    choose = launch.free_port
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        picks = iter([choose(), taken])  # the gRPC port, then the HTTP port
+        monkeypatch.setattr(launch, "free_port", lambda: next(picks, None) or choose())
+        log = tmp_path / "serve.log"
+        server = ServiceProcess(["--role", "reference", "--model", str(reference_path)], env=SERVER_ENV, log_path=log)
+        assert server.http_port == taken
+        try:
+            server.start()
+            assert server.http_port != taken
+            assert httpx.get(f"http://127.0.0.1:{server.http_port}/healthz", timeout=10).status_code == 200
+            errors = [line.split(" ERROR ", 1)[1] for line in log.read_text().splitlines() if " ERROR " in line]
+            assert errors == [f"adpa.services.standalone: cannot start the reference service: HTTP cannot listen on "
+                              f"127.0.0.1:{taken} (--http-port): Address already in use"]
+
+            again = ServiceProcess(["--role", "reference", "--model", str(reference_path)], env=SERVER_ENV,
+                                   log_path=tmp_path / "again.log", port=server.port, http=False)
+            with pytest.raises(RuntimeError, match="exited with code 1"):
+                again.start()
+            assert f"gRPC cannot listen on 127.0.0.1:{server.port} (--port)" in (tmp_path / "again.log").read_text()
+        finally:
+            server.stop()
+
+
 def test_teacher_reports_a_lost_reference(tmp_path, teacher_path, reference_path):
     """Reference gone: readiness and gRPC health say so, advantages are UNAVAILABLE, log-probs still work."""
     import httpx

@@ -95,6 +95,8 @@ class GrpcServer:
             options=[  # gRPC's default is 4 MiB
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.max_receive_message_length", config.max_message_bytes),
+                # gRPC's default shares a port: a second server on it started, and took half the calls
+                ("grpc.so_reuseport", 0),
             ],
         )
         scoring_pb2_grpc.add_ScorerServicer_to_server(ScorerServicer(self.frontend), self.server)
@@ -102,10 +104,14 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection(self.server, (SERVICE_NAME, health.SERVICE_NAME))
         address = f"{config.host}:{config.port}"
-        if config.tls_cert is not None:
-            creds = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
-            return self.server.add_secure_port(address, creds)
-        return self.server.add_insecure_port(address)
+        try:
+            if config.tls_cert is not None:
+                creds = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+                return self.server.add_secure_port(address, creds)
+            return self.server.add_insecure_port(address)
+        except RuntimeError:  # gRPC's "Failed to bind to address", without the reason
+            raise OSError(f"gRPC cannot listen on {address} (--port): the port is in use, "
+                          "or the host is not an address of this machine") from None
 
     def start(self) -> None:
         self._run(self._start())
