@@ -25,11 +25,13 @@ class GatedForward:
 
     def __init__(self):
         self.groups: list[list[tuple[str, int]]] = []
+        self.jobs: list[list[Job]] = []
         self.release = threading.Event()
         self.entered = threading.Event()
 
     def __call__(self, group):
         self.groups.append([(item.job.caller, item.width) for item in group])
+        self.jobs.append([item.job for item in group])
         self.entered.set()
         self.release.wait(10)
 
@@ -68,6 +70,30 @@ def test_queued_requests_share_micro_batches_round_robin():
     # more tokens than they do while their sequences are forwarded (they are still present).
     assert [c for c, _ in second] == ["big", "a", "b"] * 2 + ["big"]
     assert sum(len(g) for g in forward.groups) == 1 + 20 + 2 + 2
+
+
+def test_a_callers_next_request_waits_behind_its_first():
+    """A request that arrives while the same caller's previous one still waits joins that caller's
+    queue, behind it: the caller keeps one place in the round-robin, not two."""
+    forward = GatedForward()
+    scheduler = Scheduler(forward, max_batch_tokens=64)
+    done, errors = [], []
+    threads = [_run_async(scheduler, _job([4], "first"), done, errors)]
+    assert forward.entered.wait(5)
+    first, then = _job([8, 8, 8], "a"), _job([8], "a")
+    for job, queued in ((first, 3), (then, 4)):
+        threads.append(_run_async(scheduler, job, done, errors))
+        while len(scheduler._queues.get("a", ())) < queued:
+            threading.Event().wait(0.01)
+    threads.append(_run_async(scheduler, _job([8] * 4, "b"), done, errors))
+    while sum(len(q) for q in scheduler._queues.values()) < 8:
+        threading.Event().wait(0.01)
+    forward.release.set()
+    for t in threads:
+        t.join(10)
+    assert not errors and sorted(done) == ["a", "a", "b", "first"]
+    assert [c for c, _ in forward.groups[1]] == ["a", "b"] * 4
+    assert [job for job in forward.jobs[1] if job.caller == "a"] == [first, first, first, then]
 
 
 def test_small_callers_finish_before_a_huge_request():
