@@ -59,7 +59,8 @@ def _in_use(port: int) -> bool:
 
 
 class ServiceProcess:
-    """`adpa serve ARGS --port P --http-port H` in a child process; ready once ModelInfo answers."""
+    """`adpa serve ARGS --port P --http-port H` in a child process; ready once it listens on both
+    ports and ModelInfo answers."""
 
     def __init__(
         self,

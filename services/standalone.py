@@ -106,14 +106,16 @@ def serve(config: ServeConfig) -> None:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with ExitStack() as stack:
         try:
-            http_socket = stack.enter_context(http_listener(config.host, config.http_port)) if config.http_port else None
+            http_socket = None
+            if config.http_port:
+                http_socket = stack.enter_context(http_listener(config.host, config.http_port))
             metrics = ServiceMetrics()
             service = stack.enter_context(open_service(config, observer=metrics.observe_batch))
             server = StandaloneServer(service, config, metrics, http_socket)
         except IncompatibleModels as err:  # a refusal, not a fault: one line, exit 2 (as a usage error)
             logger.error("cannot start the %s service: %s", config.role, err)
             raise SystemExit(2) from None
-        except (OSError, ValueError, RuntimeError) as err:  # a port in use, missing model, tokenizer mismatch, reference down
+        except (OSError, ValueError, RuntimeError) as err:  # a busy port, no model, tokenizer mismatch, no reference
             logger.error("cannot start the %s service: %s", config.role, err)
             raise SystemExit(1) from None
         server.serve_forever()
