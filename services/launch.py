@@ -36,26 +36,24 @@ def free_port() -> int:
     """A loopback TCP port free now, from a range nothing takes without asking for it by number."""
     for _ in range(64):
         port = _RANDOM.choice(_QUIET_PORTS)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+        if _can_bind(port):
             return port
     with socket.socket() as sock:  # the range is full: any port the kernel gives
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _in_use(port: int) -> bool:
-    """Whether another socket holds this loopback port (one in TIME_WAIT does not)."""
+def _can_bind(port: int, *, reuse_address: bool = False) -> bool:
+    """Whether this loopback port can be bound now; with `reuse_address`, also when it is only in
+    TIME_WAIT (as our servers bind it), so that False means another socket holds it."""
     with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
-            return True
-        return False
+            return False
+        return True
 
 
 class ServiceProcess:
@@ -123,7 +121,7 @@ class ServiceProcess:
                 exited = self.proc.poll() is not None
                 self.stop()
                 lost = [port for port, given in zip((self.port, self.http_port), self._given)
-                        if given is None and _in_use(port)] if exited else []
+                        if given is None and not _can_bind(port, reuse_address=True)] if exited else []
                 if not (lost and retries):
                     raise
             retries -= 1

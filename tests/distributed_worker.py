@@ -14,12 +14,13 @@ unwrapping and synced generation are exercised on sharded parameters.
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 from pathlib import Path
 
 import torch
+
+from adpa.cli import _loading_for_life
 
 
 def train(spec: dict) -> None:
@@ -161,11 +162,10 @@ def generate(spec: dict) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    # The libraries every mode runs on, imported with Python's cyclic collector off, then frozen: each
-    # Trainer.train starts with a full collection (accelerate's free_memory) that would walk them all.
-    gc.disable()
-    import adpa.training.cli  # noqa: F401
-    gc.freeze()
-    gc.enable()
+    # The libraries every mode runs on, imported as `adpa train` imports them (the cyclic collector off,
+    # then frozen): each Trainer.train starts with a full collection (accelerate's free_memory) that
+    # would walk them all.
+    with _loading_for_life():
+        import adpa.training.cli  # noqa: F401
     mode, path = sys.argv[1], sys.argv[2]
     {"train": train, "generate": generate, "compare": compare}[mode](json.loads(Path(path).read_text()))
